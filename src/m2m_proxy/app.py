@@ -1,0 +1,185 @@
+"""The composition root: the only module that builds objects and owns lifetimes.
+
+``ProxyApp`` is an aiohttp Application serving the admin endpoints; its
+``cleanup_ctx`` starts, in order, the upstream session, the IdP session and token
+cache, and the proxy listener, and stops them in reverse (only what started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from m2m_proxy.admin import Readiness, admin_routes
+from m2m_proxy.config import Config
+from m2m_proxy.errors import TokenError, TokenRejectedError
+from m2m_proxy.forward import Forwarder
+from m2m_proxy.handler import ProxyHandler
+from m2m_proxy.logs import Logger
+from m2m_proxy.routing import RouteTable
+from m2m_proxy.tokens.cache import TokenCache
+from m2m_proxy.tokens.client import TokenClient
+from m2m_proxy.tokens.model import CredentialKey, Token
+
+LISTENING = "proxy_listener"
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What the running app holds; filled by the cleanup_ctx steps in order."""
+
+    config: Config
+    log: Logger
+    readiness: Readiness
+    upstream_session: aiohttp.ClientSession | None = None
+    tokens: TokenCache | None = None
+    proxy_runner: web.ServerRunner | None = None
+    proxy_port: int | None = None
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def build_app(config: Config, log: Logger) -> web.Application:
+    """The admin Application whose startup brings the whole proxy up."""
+    app = web.Application()
+    runtime = Runtime(config=config, log=log, readiness=Readiness(LISTENING))
+    app[RUNTIME] = runtime
+    app.add_routes(admin_routes(runtime.readiness))
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_token_cache)
+    app.cleanup_ctx.append(_proxy_listener)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    settings = rt.config.proxy
+    rt.upstream_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout_s, sock_read=settings.idle_timeout_s
+        ),
+        trust_env=False,
+    )
+    yield
+    await rt.upstream_session.close()
+
+
+async def _token_cache(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    settings = rt.config.proxy
+    idp_session = aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=settings.token_timeout_s),
+        trust_env=False,
+    )
+    client = TokenClient(
+        idp_session,
+        rt.config.clients,
+        timeout_s=settings.token_timeout_s,
+        retries=settings.token_retries,
+    )
+    log = rt.log
+
+    def fetched(key: CredentialKey, token: Token) -> None:
+        log.info(
+            "token_fetched",
+            client=key.client,
+            scope=" ".join(key.scope) or None,
+            audience=key.audience,
+            resource=key.resource,
+            lifetime_s=round(token.lifetime_s),
+        )
+
+    def failed(key: CredentialKey, exc: TokenError) -> None:
+        if isinstance(exc, TokenRejectedError):
+            log.error(
+                "token_fetch_failed",
+                client=key.client,
+                code=exc.code,
+                oauth_error=exc.oauth_error,
+                config_error=True,
+                detail=exc.detail,
+            )
+        else:
+            log.warning("token_fetch_failed", client=key.client, code=exc.code, detail=exc.detail)
+
+    rt.tokens = TokenCache(
+        client.fetch,
+        clock=time.monotonic,
+        skew_s=settings.token_skew_s,
+        default_lifetime_s=settings.token_default_lifetime_s,
+        failure_hold_s=settings.token_failure_hold_s,
+        on_fetched=fetched,
+        on_failed=failed,
+    )
+    yield
+    await rt.tokens.close()
+    await idp_session.close()
+
+
+async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    if rt.upstream_session is None or rt.tokens is None:
+        raise RuntimeError("the proxy listener needs the session and token cache started first")
+    settings = rt.config.proxy
+    forwarder = Forwarder(rt.upstream_session, rt.tokens, via=settings.name)
+    handler = ProxyHandler(RouteTable(rt.config.routes), forwarder, settings, rt.log)
+    server = web.Server(handler, access_log=None, handler_cancellation=True)
+    runner = web.ServerRunner(
+        server, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True)
+    await site.start()
+    rt.proxy_runner = runner
+    rt.proxy_port = _bound_port(runner)
+    rt.readiness.satisfy(LISTENING)
+    rt.log.info(
+        "proxy_started",
+        listen=f"{settings.listen.host}:{rt.proxy_port}",
+        routes=len(rt.config.routes),
+        clients=len(rt.config.clients),
+        config=rt.config.source,
+    )
+    yield
+    rt.readiness.withdraw(LISTENING)
+    await runner.cleanup()
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("the proxy listener has no bound address")
+
+
+async def serve(config: Config, log: Logger, stop: asyncio.Event) -> None:
+    """Run the proxy and admin listeners until ``stop`` is set, then shut down."""
+    app = build_app(config, log)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    try:
+        await runner.setup()
+    except BaseException:
+        await app.cleanup()  # stops, in reverse, whatever cleanup_ctx step had started
+        raise
+    try:
+        admin = config.proxy.admin_listen
+        site = web.TCPSite(runner, admin.host, admin.port, reuse_address=True)
+        await site.start()
+        log.info("admin_started", listen=str(admin))
+        await stop.wait()
+        log.info("shutdown_started", grace_s=config.proxy.shutdown_grace_s)
+    finally:
+        app[RUNTIME].readiness.withdraw("shutting_down")
+        await runner.cleanup()
+        log.info("shutdown_completed")

@@ -1,0 +1,33 @@
+"""The routes file: load, validate, and the frozen runtime model it becomes."""
+
+from m2m_proxy.config.loader import ConfigError, load_config, parse_config
+from m2m_proxy.config.model import (
+    Address,
+    AuthMethod,
+    ClientConfig,
+    Config,
+    CredentialSpec,
+    Origin,
+    ProxySettings,
+    RouteConfig,
+    Secret,
+    Unmatched,
+)
+from m2m_proxy.config.source import Problem
+
+__all__ = [
+    "Address",
+    "AuthMethod",
+    "ClientConfig",
+    "Config",
+    "ConfigError",
+    "CredentialSpec",
+    "Origin",
+    "Problem",
+    "ProxySettings",
+    "RouteConfig",
+    "Secret",
+    "Unmatched",
+    "load_config",
+    "parse_config",
+]

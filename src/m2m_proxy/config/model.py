@@ -1,0 +1,127 @@
+"""The validated, frozen runtime configuration. Pure values: no I/O, no pydantic.
+
+Everything here is built by :func:`m2m_proxy.config.loader.load_config` from a routes
+file that passed every check, so consumers may trust each field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret value whose repr and str never show it."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+class AuthMethod(StrEnum):
+    CLIENT_SECRET_BASIC = "client_secret_basic"
+    CLIENT_SECRET_POST = "client_secret_post"
+
+
+class Unmatched(StrEnum):
+    DENY = "deny"
+    PASSTHROUGH = "passthrough"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """scheme://host:port of an upstream; ``port`` is always explicit here."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def authority(self) -> str:
+        """Host header value: the port only when it is not the scheme's default."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    listen: Address
+    admin_listen: Address
+    unmatched: Unmatched
+    name: str
+    connect_timeout_s: float
+    idle_timeout_s: float
+    replay_body_limit_bytes: int
+    token_skew_s: float
+    token_default_lifetime_s: float
+    token_timeout_s: float
+    token_retries: int
+    token_failure_hold_s: float
+    log_level: str
+    shutdown_grace_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """One OAuth2 client (one identity) and how it authenticates to its token endpoint."""
+
+    name: str
+    token_url: str
+    client_id: str
+    client_secret: Secret
+    auth_method: AuthMethod
+    token_params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialSpec:
+    """What a token is requested for; routes with equal specs share one cached token."""
+
+    client: str
+    scope: tuple[str, ...] = ()
+    audience: str | None = None
+    resource: str | None = None
+    token_params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """A destination pattern and the credential it gets.
+
+    ``host`` is normalised (lower case, no trailing dot); a wildcard keeps its ``*.``.
+    ``port`` None means the scheme's default port. ``path_prefix`` is "" or starts with "/".
+    """
+
+    name: str
+    host: str
+    port: int | None
+    path_prefix: str
+    credential: CredentialSpec
+    upstream: Origin | None = None
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    proxy: ProxySettings
+    clients: Mapping[str, ClientConfig]
+    routes: tuple[RouteConfig, ...]

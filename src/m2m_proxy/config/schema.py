@@ -1,0 +1,90 @@
+"""The routes file's shape as pydantic models: types, defaults, unknown keys.
+
+This layer only checks shape. Cross-field rules (client references, URLs, files,
+wildcards) live in :mod:`m2m_proxy.config.loader`, which also turns these models
+into the frozen runtime values of :mod:`m2m_proxy.config.model`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProxySection(_Section):
+    listen: str | int = Field("127.0.0.1:8080", description="Proxy listener, host:port.")
+    admin_listen: str | int = Field(
+        "127.0.0.1:9901", description="Admin listener (/healthz, /readyz), host:port."
+    )
+    unmatched: Literal["deny", "passthrough"] = Field(
+        "deny", description="Requests that match no route: deny (403) or forward with no token."
+    )
+    name: str = Field(
+        "m2m-proxy",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="This proxy's name in Via and Proxy-Status headers.",
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Upstream TCP+TLS connect timeout.")
+    idle_timeout_s: float = Field(
+        60.0, gt=0, description="Longest silence while reading from the upstream."
+    )
+    replay_body_limit_bytes: int = Field(
+        1_048_576,
+        ge=0,
+        description="Request bodies up to this size are buffered so a 401 can be replayed.",
+    )
+    token_skew_s: float = Field(
+        60.0, ge=0, description="Renew tokens this long before expiry (at most half a lifetime)."
+    )
+    token_default_lifetime_s: float = Field(
+        300.0, gt=0, description="Lifetime assumed when the token response has no expires_in."
+    )
+    token_timeout_s: float = Field(10.0, gt=0, description="Timeout of one token request.")
+    token_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a token request on network errors, 5xx and 429."
+    )
+    token_failure_hold_s: float = Field(
+        1.0,
+        ge=0,
+        description="After a failed token fetch, requests fail fast for this long.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, time given to in-flight requests."
+    )
+
+
+class ClientSection(_Section):
+    token_url: str = Field(description="The IdP's token endpoint (https, or http on loopback).")
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = Field(None, description="The secret; use ${ENV} references.")
+    client_secret_file: str | None = Field(None, description="A file holding the secret.")
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    token_params: dict[str, str] = Field(
+        default_factory=dict, description="Extra form parameters for every token request."
+    )
+
+
+class RouteSection(_Section):
+    name: str | None = Field(None, description="Name in logs; default: host and path prefix.")
+    host: str = Field(description="Exact host or *.suffix wildcard, optional :port.")
+    path_prefix: str = Field("", description="Match only paths under this prefix.")
+    client: str = Field(description="Name of an entry under clients.")
+    scope: str | list[str] | None = None
+    audience: str | None = None
+    resource: str | None = None
+    token_params: dict[str, str] = Field(default_factory=dict)
+    upstream: str | None = Field(
+        None, description="scheme://host[:port] to send to instead (TLS origination, rewrite)."
+    )
+
+
+class RoutesFile(_Section):
+    proxy: ProxySection = Field(default_factory=ProxySection)
+    clients: dict[str, ClientSection] = Field(default_factory=dict)
+    routes: list[RouteSection] = Field(default_factory=list)

@@ -1,0 +1,160 @@
+"""YAML text → plain data, with the position of every key and value kept.
+
+Parsing uses PyYAML's SafeLoader composer (no arbitrary tags). ``${VAR}`` and
+``${VAR:-default}`` expand from the given environment inside string scalars; ``$$``
+is a literal ``$``. Problems (syntax, duplicate keys, unset variables) are collected,
+not raised one at a time, so ``m2m-proxy check`` can list them all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+Path = tuple[str | int, ...]
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """1-based line and column in the source file."""
+
+    line: int
+    column: int
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One configuration problem, rendered as ``FILE:LINE:COL: path: message``."""
+
+    file: str
+    mark: Mark | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.mark.line}:{self.mark.column}" if self.mark else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+@dataclass(slots=True)
+class SourceDocument:
+    """Parsed data plus the marks of each path's key and value."""
+
+    data: Any
+    key_marks: dict[Path, Mark] = field(default_factory=dict)
+    value_marks: dict[Path, Mark] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def mark_for(self, path: Path, *, key: bool = False) -> Mark | None:
+        """The mark of ``path`` or of its nearest ancestor that has one."""
+        primary, secondary = (
+            (self.key_marks, self.value_marks) if key else (self.value_marks, self.key_marks)
+        )
+        for end in range(len(path), -1, -1):
+            prefix = path[:end]
+            if prefix in primary:
+                return primary[prefix]
+            if prefix in secondary:
+                return secondary[prefix]
+        return None
+
+
+def format_path(path: Path) -> str:
+    """('routes', 0, 'client') → 'routes[0].client'."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def parse_yaml(text: str, file: str, environ: Mapping[str, str]) -> SourceDocument:
+    """Compose ``text`` safely and convert it, recording marks and problems."""
+    doc = SourceDocument(data=None)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = _mark(exc.problem_mark) if exc.problem_mark else None
+        doc.problems.append(
+            Problem(file, mark, "", f"invalid YAML: {exc.problem}; fix the syntax at this spot")
+        )
+        return doc
+    if node is None:
+        doc.data = {}
+        return doc
+    converter = _Converter(file, environ, doc)
+    doc.data = converter.convert(node, ())
+    return doc
+
+
+def _mark(m: yaml.Mark) -> Mark:
+    return Mark(m.line + 1, m.column + 1)
+
+
+class _Converter:
+    def __init__(self, file: str, environ: Mapping[str, str], doc: SourceDocument) -> None:
+        self._file = file
+        self._environ = environ
+        self._doc = doc
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def convert(self, node: yaml.Node, path: Path) -> Any:
+        self._doc.value_marks[path] = _mark(node.start_mark)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
+        value = self._constructor.construct_object(node, deep=True)
+        if isinstance(value, str):
+            return self._expand(value, node, path)
+        return value
+
+    def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self._constructor.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int):
+                self._problem(key_node, path, "keys must be plain strings; quote this key")
+                continue
+            key = str(key)
+            child = (*path, key)
+            if key in out:
+                self._problem(
+                    key_node, child, "duplicate key; keep only one of them (YAML would drop one)"
+                )
+                continue
+            self._doc.key_marks[child] = _mark(key_node.start_mark)
+            out[key] = self.convert(value_node, child)
+        return out
+
+    def _expand(self, value: str, node: yaml.Node, path: Path) -> str:
+        if "$" not in value:
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in self._environ:
+                return self._environ[name]
+            if default is not None:
+                return default
+            self._problem(
+                node,
+                path,
+                f"environment variable {name} is not set; export {name}=... before starting, "
+                f"or write ${{{name}:-default}}",
+            )
+            return ""
+
+        return _ENV_REF.sub(substitute, value)
+
+    def _problem(self, node: yaml.Node, path: Path, message: str) -> None:
+        self._doc.problems.append(
+            Problem(self._file, _mark(node.start_mark), format_path(path), message)
+        )

@@ -1,0 +1,201 @@
+"""Forwarder: one request upstream with a credential, the 401 replay, the streaming.
+
+The upstream side is one pooled keep-alive ``ClientSession`` built by app.py with
+no cookie jar, no decompression and no redirects, so bytes pass through unchanged.
+aiohttp client errors are translated here, once, most specific first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from m2m_proxy.errors import (
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+    UpstreamTlsError,
+    UpstreamUnreachableError,
+)
+from m2m_proxy.headers import downstream_response_headers, upstream_request_headers
+from m2m_proxy.tokens.cache import TokenCache
+from m2m_proxy.tokens.model import CredentialKey, Token
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request, for the access log and metrics."""
+
+    token: str = "none"  # none | hit | miss
+    replayed: str = "no"  # no | recovered | still_401 | not_replayable
+    upstream_status: int = 0
+    error: str = ""  # set when the exchange failed after the response started
+
+
+class Body:
+    """The client's request body: buffered (replayable) or a one-shot stream."""
+
+    __slots__ = ("data", "length", "stream")
+
+    def __init__(self, data: bytes | None, stream: aiohttp.StreamReader | None, length: int | None):
+        self.data = data
+        self.stream = stream
+        self.length = length
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None
+
+    @classmethod
+    async def read(cls, request: web.BaseRequest, limit: int) -> Body:
+        """Buffer bodies up to ``limit`` bytes; stream larger or unknown-length ones.
+
+        A chunked body is buffered while it stays under the limit; past it, what was
+        read is sent first and the rest streams, so nothing the client sent is lost.
+        """
+        if not request.body_exists:
+            return cls(None, None, None)
+        length = request.content_length
+        if length is not None:
+            if length <= limit:
+                return cls(await request.read(), None, length)
+            return cls(None, request.content, length)
+        head = await request.content.read(limit + 1) if limit else b""
+        if len(head) <= limit and request.content.at_eof():
+            return cls(head, None, len(head))
+        request.content.unread_data(head)
+        return cls(None, request.content, None)
+
+    def payload(self) -> bytes | aiohttp.StreamReader | None:
+        return self.data if self.stream is None else self.stream
+
+
+class Forwarder:
+    def __init__(self, session: aiohttp.ClientSession, tokens: TokenCache, *, via: str) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._via = via
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        *,
+        url: URL,
+        host: str,
+        key: CredentialKey | None,
+        body: Body,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        """Send upstream (with a token when ``key`` is set), replay once on 401, stream back."""
+        via = f"{request.version.major}.{request.version.minor} {self._via}"
+        token = await self._token(key, exchange) if key is not None else None
+        resp = await self._send(request, url=url, host=host, token=token, body=body, via=via)
+        if resp.status == 401 and key is not None and token is not None:
+            self._tokens.invalidate(key, token)
+            if body.replayable:
+                resp.release()
+                token = await self._token(key, exchange)
+                resp = await self._send(
+                    request, url=url, host=host, token=token, body=body, via=via
+                )
+                exchange.replayed = "still_401" if resp.status == 401 else "recovered"
+            else:
+                exchange.replayed = "not_replayable"
+        exchange.upstream_status = resp.status
+        return await self._stream_back(request, resp, via, exchange)
+
+    async def _token(self, key: CredentialKey, exchange: Exchange) -> Token:
+        token = self._tokens.peek(key)
+        if token is not None:
+            if exchange.token == "none":
+                exchange.token = "hit"
+            return token
+        exchange.token = "miss"
+        return await self._tokens.obtain(key)
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        *,
+        url: URL,
+        host: str,
+        token: Token | None,
+        body: Body,
+        via: str,
+    ) -> aiohttp.ClientResponse:
+        headers: CIMultiDict[str] = upstream_request_headers(
+            request.headers,
+            host=host,
+            authorization=token.authorization if token is not None else None,
+            via=via,
+        )
+        if body.length is not None:
+            headers["Content-Length"] = str(body.length)
+        try:
+            return await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body.payload(),
+                allow_redirects=False,
+                chunked=None,
+            )
+        except ProxyError:
+            raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise UpstreamTlsError("the upstream's TLS certificate failed verification") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise UpstreamTlsError("TLS with the upstream failed") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachableError(
+                f"cannot connect to the upstream ({exc.strerror or 'connection failed'})"
+            ) from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeoutError("the upstream did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamProtocolError(
+                f"the upstream closed or broke the exchange ({type(exc).__name__})"
+            ) from exc
+
+    async def _stream_back(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        via: str,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        """Copy status, headers and body to the client; backpressure via ``write``.
+
+        If the upstream breaks off after the headers went out, the client connection
+        is aborted so the client sees a truncated body, never a complete-looking one.
+        """
+        try:
+            out = web.StreamResponse(
+                status=resp.status,
+                reason=resp.reason,
+                headers=downstream_response_headers(resp.headers, via=via),
+            )
+            await out.prepare(request)
+            content = resp.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    exchange.error = f"upstream_truncated:{type(exc).__name__}"
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
+                if not chunk:
+                    break
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        except BaseException:
+            resp.close()
+            raise
+        finally:
+            resp.release()

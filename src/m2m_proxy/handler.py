@@ -1,0 +1,114 @@
+"""ProxyHandler: the request path from the client's request to the response.
+
+parse target → match route (or apply the ``unmatched`` policy) → read the body
+→ forward with the route's credential → render any ProxyError as problem+json →
+one ``request_completed`` log line. Knows nothing about sockets or the IdP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from yarl import URL
+
+from m2m_proxy.config import ProxySettings, RouteConfig, Unmatched
+from m2m_proxy.errors import (
+    NotSupportedError,
+    ProxyError,
+    RouteDeniedError,
+    render_problem,
+)
+from m2m_proxy.forward import Body, Exchange, Forwarder
+from m2m_proxy.logs import Logger
+from m2m_proxy.routing import RouteTable
+from m2m_proxy.target import Target, parse_target
+
+
+class ProxyHandler:
+    """The aiohttp low-level handler: ``web.Server(ProxyHandler(...))``."""
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        forwarder: Forwarder,
+        settings: ProxySettings,
+        log: Logger,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._routes = routes
+        self._forwarder = forwarder
+        self._settings = settings
+        self._log = log
+        self._clock = clock
+        self._origins: dict[str, tuple[str, str]] = {}
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = self._clock()
+        exchange = Exchange()
+        route: RouteConfig | None = None
+        error = ""
+        try:
+            if request.method == "CONNECT":
+                raise NotSupportedError(
+                    "CONNECT is not supported yet; send http:// URLs (HTTP_PROXY) and let "
+                    "a route's upstream: https://... originate TLS"
+                )
+            target = parse_target(request.raw_path, request.headers.get("Host"))
+            route = self._routes.match(target)
+            if route is None and self._settings.unmatched is Unmatched.DENY:
+                raise RouteDeniedError(
+                    f"no route matches host '{target.host}'; add a route for it or set "
+                    "proxy.unmatched: passthrough"
+                )
+            url, host = self._upstream_of(target, route)
+            body = await Body.read(request, self._settings.replay_body_limit_bytes)
+            response = await self._forwarder.forward(
+                request,
+                url=url,
+                host=host,
+                key=route.credential if route is not None else None,
+                body=body,
+                exchange=exchange,
+            )
+            error = exchange.error
+        except ProxyError as exc:
+            error = exc.code
+            response = self._problem(exc)
+        self._log.info(
+            "request_completed",
+            route=route.name if route is not None else "-",
+            method=request.method,
+            status=response.status,
+            duration_ms=round((self._clock() - started) * 1000, 2),
+            token_cache=exchange.token,
+            retried=exchange.replayed,
+            error=error or None,
+        )
+        return response
+
+    def _upstream_of(self, target: Target, route: RouteConfig | None) -> tuple[URL, str]:
+        """The upstream URL and Host header; a route's ``upstream`` rewrites the origin.
+
+        An https target is never sent in cleartext, whatever the route says.
+        """
+        if route is None or route.upstream is None:
+            base = f"{target.scheme}://{target.authority}"
+            return URL(base + target.path_qs, encoded=True), target.authority
+        upstream = route.upstream
+        if target.scheme == "https" and upstream.scheme == "http":
+            raise RouteDeniedError(
+                f"route '{route.name}' would send an https request upstream over plain "
+                "http; make its upstream https://"
+            )
+        cached = self._origins.get(route.name)
+        if cached is None:
+            host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+            cached = (f"{upstream.scheme}://{host}:{upstream.port}", upstream.authority)
+            self._origins[route.name] = cached
+        return URL(cached[0] + target.path_qs, encoded=True), cached[1]
+
+    def _problem(self, exc: ProxyError) -> web.Response:
+        status, headers, body = render_problem(exc, self._settings.name)
+        return web.Response(status=status, headers=headers, body=body)

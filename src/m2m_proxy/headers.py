@@ -1,0 +1,79 @@
+"""Header rules for both directions of a forwarded exchange. Pure functions.
+
+Hop-by-hop fields (RFC 9110 §7.6.1) are removed each way: the fixed set, every
+``Proxy-*`` field, and any field named in ``Connection``. On the way up, Host is
+set to the destination's authority, the credential (if any) replaces whatever
+Authorization the client sent (exactly one reaches the upstream, added after the
+removal so ``Connection: Authorization`` cannot strip it), and Via is appended.
+Content-Length and Transfer-Encoding are never copied: the sending side re-frames.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+HOP_BY_HOP = frozenset(
+    istr(h)
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Proxy-Authenticate",
+    )
+)
+_AUTHORIZATION = istr("Authorization")
+_HOST = istr("Host")
+_CONTENT_LENGTH = istr("Content-Length")
+_VIA = istr("Via")
+_UPSTREAM_DROP = HOP_BY_HOP | {_HOST, _CONTENT_LENGTH}
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Lower-cased field names listed in Connection headers."""
+    values = headers.getall("Connection", ())
+    return frozenset(
+        name.strip().lower() for value in values for name in value.split(",") if name.strip()
+    )
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str], *, host: str, authorization: str | None, via: str
+) -> CIMultiDict[str]:
+    """Headers to send upstream.
+
+    ``authorization`` None means "no credential for this request" (unmatched
+    passthrough): then the client's own Authorization passes through untouched.
+    """
+    named = _connection_named(incoming) if "Connection" in incoming else frozenset()
+    drop = _UPSTREAM_DROP if authorization is None else _UPSTREAM_DROP | {_AUTHORIZATION}
+    out: CIMultiDict[str] = CIMultiDict()
+    out[_HOST] = host
+    for name, value in incoming.items():
+        if name in drop or name[:6].lower() == "proxy-" or (named and name.lower() in named):
+            continue
+        out.add(name, value)
+    if authorization is not None:
+        out[_AUTHORIZATION] = authorization
+    out.add(_VIA, via)
+    return out
+
+
+def downstream_response_headers(incoming: CIMultiDictProxy[str], *, via: str) -> CIMultiDict[str]:
+    """Headers to send back to the client; Content-Length is kept so framing is kept."""
+    named = _connection_named(incoming) if "Connection" in incoming else frozenset()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if (
+            name in HOP_BY_HOP
+            or name[:6].lower() == "proxy-"
+            or (named and name.lower() in named and name not in (_CONTENT_LENGTH,))
+        ):
+            continue
+        out.add(name, value)
+    out.add(_VIA, via)
+    return out

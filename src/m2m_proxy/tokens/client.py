@@ -1,0 +1,150 @@
+"""TokenClient: one client-credentials grant (RFC 6749 §4.4) over HTTP, with retries.
+
+Foreign exceptions are translated here, once: aiohttp errors and timeouts become
+the Token* errors of :mod:`m2m_proxy.errors`. tenacity retries network errors, 5xx
+and 429 (honouring ``Retry-After``) with exponential backoff and jitter, never a
+400/401. The whole fetch, retries included, fits in ``timeout_s``. Redirects from
+the token endpoint are never followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Mapping
+from urllib.parse import quote_plus
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from m2m_proxy.config import AuthMethod, ClientConfig, CredentialSpec
+from m2m_proxy.errors import TokenTimeoutError, TokenUnavailableError
+from m2m_proxy.tokens.model import TokenGrant
+from m2m_proxy.tokens.response import MAX_BODY_BYTES, parse_success, rejection
+
+_BACKOFF = wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.2)
+_RETRY_AFTER_CAP_S = 30.0
+
+
+class _TransientError(Exception):
+    """Worth retrying: network error, 5xx or 429."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class TokenClient:
+    """Fetches grants for credentials; holds no state beyond its collaborators."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        clients: Mapping[str, ClientConfig],
+        *,
+        timeout_s: float,
+        retries: int,
+    ) -> None:
+        self._session = session
+        self._clients = clients
+        self._timeout_s = timeout_s
+        self._retries = retries
+
+    async def fetch(self, spec: CredentialSpec) -> TokenGrant:
+        """Request a token for ``spec``; raise a TokenError subclass on failure."""
+        client = self._clients[spec.client]
+        form, headers = build_request(client, spec)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_TransientError),
+            stop=stop_after_attempt(self._retries + 1) | stop_before_delay(self._timeout_s),
+            wait=_wait,
+            reraise=True,
+        )
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + self._timeout_s):
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._attempt(client, form, headers)
+        except TimeoutError:
+            raise TokenTimeoutError(
+                f"the token endpoint of client '{client.name}' did not answer within "
+                f"{self._timeout_s:g}s",
+                retry_after_s=1.0,
+            ) from None
+        except _TransientError as exc:
+            raise TokenUnavailableError(
+                f"the token endpoint of client '{client.name}' failed: {exc.reason}",
+                retry_after_s=exc.retry_after_s or max(1.0, deadline - time.monotonic()),
+            ) from None
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    async def _attempt(
+        self, client: ClientConfig, form: dict[str, str], headers: dict[str, str]
+    ) -> TokenGrant:
+        try:
+            async with self._session.post(
+                client.token_url, data=form, headers=headers, allow_redirects=False
+            ) as resp:
+                body = await resp.content.read(MAX_BODY_BYTES + 1)
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+        except aiohttp.ClientError as exc:
+            raise _TransientError(f"network error ({type(exc).__name__})") from None
+        if len(body) > MAX_BODY_BYTES:
+            raise _TransientError(f"answer larger than {MAX_BODY_BYTES} bytes")
+        if status == 200:
+            return parse_success(body)
+        if status == 429 or status >= 500:
+            raise _TransientError(f"HTTP {status}", retry_after)
+        if 300 <= status < 400:
+            raise _TransientError(f"HTTP {status} redirect (redirects are never followed)")
+        raise rejection(status, body)
+
+
+def build_request(
+    client: ClientConfig, spec: CredentialSpec
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The form and headers of a token request; pure, so tests can assert on it."""
+    form: dict[str, str] = {"grant_type": "client_credentials"}
+    form.update(client.token_params)
+    form.update(spec.token_params)
+    if spec.scope:
+        form["scope"] = " ".join(spec.scope)
+    if spec.audience:
+        form["audience"] = spec.audience
+    if spec.resource:
+        form["resource"] = spec.resource
+    headers = {"Accept": "application/json"}
+    if client.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
+        # RFC 6749 §2.3.1 / App. B: form-encode id and secret before base64.
+        pair = f"{quote_plus(client.client_id)}:{quote_plus(client.client_secret.value)}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    else:
+        form["client_id"] = client.client_id
+        form["client_secret"] = client.client_secret.value
+    return form, headers
+
+
+def _wait(state: RetryCallState) -> float:
+    """Backoff with jitter, or the server's Retry-After when it gave one."""
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, _TransientError) and exc.retry_after_s is not None:
+        return min(exc.retry_after_s, _RETRY_AFTER_CAP_S)
+    return float(_BACKOFF(state))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in delta-seconds (HTTP-dates are rare on token endpoints: ignored)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
