@@ -215,6 +215,9 @@ class _NodeProcess:
             self.proc.stdin.close()
         for thread in self._threads:
             thread.join(timeout=2.0)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 class DevStack:

@@ -163,23 +163,59 @@ def _bound_port(runner: web.BaseRunner) -> int:
     raise RuntimeError("the proxy listener has no bound address")
 
 
+class ProxyServer:
+    """The proxy and admin listeners as one startable, stoppable unit."""
+
+    def __init__(self, config: Config, log: Logger) -> None:
+        self._config = config
+        self._log = log
+        self._app = build_app(config, log)
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        self.admin_port: int | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._app[RUNTIME]
+
+    @property
+    def proxy_port(self) -> int:
+        port = self.runtime.proxy_port
+        if port is None:
+            raise RuntimeError("the proxy is not started")
+        return port
+
+    async def start(self) -> None:
+        try:
+            await self._runner.setup()
+        except BaseException:
+            await self._app.cleanup()  # stops, in reverse, whatever cleanup_ctx step started
+            raise
+        admin = self._config.proxy.admin_listen
+        site = web.TCPSite(self._runner, admin.host, admin.port, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.admin_port = _bound_port(self._runner)
+        self._log.info("admin_started", listen=f"{admin.host}:{self.admin_port}")
+
+    async def stop(self) -> None:
+        """Readiness goes false at once; in-flight requests get the grace period."""
+        self._log.info("shutdown_started", grace_s=self._config.proxy.shutdown_grace_s)
+        self.runtime.readiness.withdraw("shutting_down")
+        await self._runner.cleanup()
+        self._log.info("shutdown_completed")
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+
 async def serve(config: Config, log: Logger, stop: asyncio.Event) -> None:
     """Run the proxy and admin listeners until ``stop`` is set, then shut down."""
-    app = build_app(config, log)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    try:
-        await runner.setup()
-    except BaseException:
-        await app.cleanup()  # stops, in reverse, whatever cleanup_ctx step had started
-        raise
-    try:
-        admin = config.proxy.admin_listen
-        site = web.TCPSite(runner, admin.host, admin.port, reuse_address=True)
-        await site.start()
-        log.info("admin_started", listen=str(admin))
+    async with ProxyServer(config, log):
         await stop.wait()
-        log.info("shutdown_started", grace_s=config.proxy.shutdown_grace_s)
-    finally:
-        app[RUNTIME].readiness.withdraw("shutting_down")
-        await runner.cleanup()
-        log.info("shutdown_completed")

@@ -42,7 +42,7 @@ def _ipv6(text: str) -> str:
         raise AuthorityError(f"'{text}' is not a valid IPv6 address") from None
 
 
-def split_authority(authority: str) -> tuple[str, int | None]:
+def split_authority(authority: str, *, allow_zero: bool = False) -> tuple[str, int | None]:
     """'Host:8080' → ('host', 8080); '[::1]' → ('::1', None). Host is normalised."""
     if authority.startswith("["):
         end = authority.find("]")
@@ -56,12 +56,15 @@ def split_authority(authority: str) -> tuple[str, int | None]:
         host, port_text = authority.split(":")
     else:
         host, port_text = authority, None
-    return normalize_host(host), (parse_port(port_text) if port_text is not None else None)
+    port = parse_port(port_text, allow_zero=allow_zero) if port_text is not None else None
+    return normalize_host(host), port
 
 
-def parse_port(text: str) -> int:
-    if not text.isdigit() or len(text) > 5 or not 0 < int(text) < 65536:
-        raise AuthorityError(f"port '{text}' must be a number from 1 to 65535")
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    """A TCP port; 0 (any free port) only where ``allow_zero``, i.e. for listeners."""
+    low = 0 if allow_zero else 1
+    if not text.isdigit() or len(text) > 5 or not low <= int(text) < 65536:
+        raise AuthorityError(f"port '{text}' must be a number from {low} to 65535")
     return int(text)
 
 

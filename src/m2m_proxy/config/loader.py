@@ -167,7 +167,7 @@ class _Checker:
     def _proxy(self, section: ProxySection) -> ProxySettings:
         listen = self._address(("proxy", "listen"), section.listen)
         admin = self._address(("proxy", "admin_listen"), section.admin_listen)
-        if listen == admin:
+        if listen == admin and listen.port != 0:
             self.problem(
                 ("proxy", "admin_listen"),
                 "must differ from proxy.listen; pick another port, e.g. 127.0.0.1:9901",
@@ -192,7 +192,7 @@ class _Checker:
     def _address(self, path: Path, value: str | int) -> Address:
         text = f"127.0.0.1:{value}" if isinstance(value, int) else value
         try:
-            host, port = split_authority(text)
+            host, port = split_authority(text, allow_zero=True)
         except AuthorityError as exc:
             self.problem(path, f"{exc}; write host:port, e.g. 127.0.0.1:8080")
             return Address("127.0.0.1", 0)

@@ -30,7 +30,7 @@ from m2m_proxy.errors import TokenTimeoutError, TokenUnavailableError
 from m2m_proxy.tokens.model import TokenGrant
 from m2m_proxy.tokens.response import MAX_BODY_BYTES, parse_success, rejection
 
-_BACKOFF = wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.2)
+_BACKOFF = wait_exponential_jitter(multiplier=0.2, max=2.0, jitter=0.2)
 _RETRY_AFTER_CAP_S = 30.0
 
 

@@ -1,0 +1,52 @@
+# m2m-proxy developer commands. `make run` and `make test` are the two that matter.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+IDP    := deploy/dev-idp
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint typecheck unit functional bench check-example clean
+
+## install: virtualenv with the project and dev tools, plus the dev IdP's npm packages
+install: $(STAMP) $(IDP)/node_modules/.package-lock.json
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(IDP)/node_modules/.package-lock.json: $(IDP)/package-lock.json
+	npm ci --prefix $(IDP) --no-audit --no-fund --loglevel=error
+
+## run: start the dev IdP, the demo API and the proxy on routes.example.yaml (Ctrl-C stops all)
+run: install
+	$(PY) deploy/dev_stack.py --proxy-config routes.example.yaml --python $(PY)
+
+## test: lint, types and the whole suite (what CI runs)
+test: install lint typecheck
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest -q tests/unit
+
+functional: install
+	$(PY) -m pytest -q tests/functional
+
+## bench: throughput and latency against the upstream directly and a minimal aiohttp proxy
+bench: install
+	$(PY) bench/run.py
+
+check-example: install
+	$(VENV)/bin/m2m-proxy check --config routes.example.yaml
+
+clean:
+	rm -rf $(VENV) $(IDP)/node_modules .mypy_cache .ruff_cache .pytest_cache

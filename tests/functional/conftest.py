@@ -1,0 +1,71 @@
+"""Functional fixtures: the real dev stack (oidc-provider IdP and demo API) per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dev_stack import DevStack
+
+from tests.functional.support import SENTINEL_SECRET
+
+ROOT = Path(__file__).resolve().parents[2]
+RESOURCE = "http://api.demo.local"
+
+
+@pytest.fixture(scope="session")
+def dev_stack() -> Iterator[DevStack]:
+    clients = [
+        {
+            "client_id": "svc-basic",
+            "client_secret": SENTINEL_SECRET,
+            "token_endpoint_auth_method": "client_secret_basic",
+        },
+        {
+            "client_id": "svc-post",
+            "client_secret": SENTINEL_SECRET,
+            "token_endpoint_auth_method": "client_secret_post",
+        },
+    ]
+    resources = {RESOURCE: {"scope": "read write", "ttl_s": 300}}
+    with DevStack(ROOT, clients=clients, resources=resources) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(dev_stack: DevStack) -> DevStack:
+    """The session's dev stack with its request log and revocations cleared."""
+    dev_stack.reset()
+    return dev_stack
+
+
+def routes_for(stack: DevStack, extra_proxy: str = "", route_extra: str = "") -> str:
+    """A routes file for the dev stack: api.demo.local → demo API, two clients."""
+    return f"""
+proxy:
+  unmatched: deny
+{extra_proxy}
+clients:
+  basic:
+    token_url: {stack.token_url}
+    client_id: svc-basic
+    client_secret: ${{SENTINEL_SECRET}}
+  post:
+    token_url: {stack.token_url}
+    client_id: svc-post
+    client_secret: ${{SENTINEL_SECRET}}
+    auth_method: client_secret_post
+routes:
+  - host: api.demo.local
+    client: basic
+    scope: read write
+    resource: {RESOURCE}
+    upstream: {stack.api_url}
+{route_extra}
+  - host: post.demo.local
+    client: post
+    scope: [read]
+    audience: {RESOURCE}
+    upstream: {stack.api_url}
+"""
