@@ -40,7 +40,7 @@ READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 HOST = "127.0.0.1"
 # The obvious dev default, same as idp.js; override with DEV_CLIENT_SECRET.
-DEFAULT_DEV_CLIENT_SECRET = "dev-only-secret"  # noqa: S105
+DEFAULT_DEV_CLIENT_SECRET = "dev-only-secret"
 
 # Fixed ports for `make run` (tests use ephemeral ports).
 RUN_IDP_PORT = 9400

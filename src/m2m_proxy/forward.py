@@ -7,6 +7,7 @@ aiohttp client errors are translated here, once, most specific first.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -41,7 +42,12 @@ class Body:
 
     __slots__ = ("data", "length", "stream")
 
-    def __init__(self, data: bytes | None, stream: aiohttp.StreamReader | None, length: int | None):
+    def __init__(
+        self,
+        data: bytes | None,
+        stream: aiohttp.StreamReader | AsyncIterator[bytes] | None,
+        length: int | None,
+    ) -> None:
         self.data = data
         self.stream = stream
         self.length = length
@@ -60,18 +66,29 @@ class Body:
         if not request.body_exists:
             return cls(None, None, None)
         length = request.content_length
-        if length is not None:
-            if length <= limit:
-                return cls(await request.read(), None, length)
-            return cls(None, request.content, length)
-        head = await request.content.read(limit + 1) if limit else b""
-        if len(head) <= limit and request.content.at_eof():
-            return cls(head, None, len(head))
-        request.content.unread_data(head)
-        return cls(None, request.content, None)
+        content = request.content
+        if length is not None and length > limit:
+            return cls(None, content, length)
+        head: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = await content.readany()
+            if not chunk:
+                data = b"".join(head)
+                return cls(data, None, len(data))
+            head.append(chunk)
+            size += len(chunk)
+        return cls(None, _chain(head, content), None)
 
-    def payload(self) -> bytes | aiohttp.StreamReader | None:
+    def payload(self) -> bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None:
         return self.data if self.stream is None else self.stream
+
+
+async def _chain(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest.iter_any():
+        yield chunk
 
 
 class Forwarder:

@@ -48,10 +48,7 @@ async def running_proxy(
     """Start the proxy in this event loop on ephemeral ports, from a routes file text."""
     header = "proxy:\n  listen: 127.0.0.1:0\n  admin_listen: 127.0.0.1:0\n"
     text = textwrap.dedent(yaml_text)
-    if "proxy:" in text:
-        text = text.replace("proxy:\n", header, 1)
-    else:
-        text = header + text
+    text = text.replace("proxy:\n", header, 1) if "proxy:" in text else header + text
     env = {"SENTINEL_SECRET": SENTINEL_SECRET, **(environ or {})}
     config = parse_config(text, "test-routes.yaml", env)
     logs = io.StringIO()
@@ -92,9 +89,9 @@ async def fake_server(handler: Handler) -> AsyncIterator[FakeServer]:
         )
         return await handler(request)
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", recording)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
