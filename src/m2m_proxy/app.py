@@ -19,6 +19,7 @@ from m2m_proxy.admin import Readiness, admin_routes
 from m2m_proxy.config import Config
 from m2m_proxy.errors import TokenError, TokenRejectedError
 from m2m_proxy.forward import Forwarder
+from m2m_proxy.frontdoor import FrontDoor
 from m2m_proxy.handler import ProxyHandler
 from m2m_proxy.logs import Logger
 from m2m_proxy.routing import RouteTable
@@ -134,7 +135,9 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     settings = rt.config.proxy
     forwarder = Forwarder(rt.upstream_session, rt.tokens, via=settings.name)
     handler = ProxyHandler(RouteTable(rt.config.routes), forwarder, settings, rt.log)
-    server = web.Server(handler, access_log=None, handler_cancellation=True)
+    server = FrontDoor(
+        handler, proxy_name=settings.name, log=rt.log, access_log=None, handler_cancellation=True
+    )
     runner = web.ServerRunner(
         server, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s
     )

@@ -25,7 +25,6 @@ from a peer: an IdP's body, a token or a secret must never reach ``detail``.
 from __future__ import annotations
 
 import json
-from typing import ClassVar
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -33,10 +32,11 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 class ProxyError(Exception):
     """Base class: an outcome the proxy reports to its client as a problem document."""
 
-    status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
-    proxy_status: ClassVar[str] = "proxy_internal_error"
-    title: ClassVar[str] = "The proxy failed to handle the request"
+    # Class-level defaults; an instance may override them (see frontdoor.py).
+    status: int = 500
+    code: str = "internal_error"
+    proxy_status: str = "proxy_internal_error"
+    title: str = "The proxy failed to handle the request"
 
     def __init__(self, detail: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(detail)

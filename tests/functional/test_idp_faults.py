@@ -10,7 +10,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from tests.functional.support import fake_server, running_proxy, token_answer
+from tests.functional.support import Handler, fake_server, running_proxy, token_answer
 
 
 def _routes(token_url: str, upstream: str, extra: str = "") -> str:
@@ -62,7 +62,7 @@ async def _check_keeps_serving(client: aiohttp.ClientSession, proxy_url: str) ->
         assert await resp.text() == "upstream ok"
 
 
-def _idp_handler(mode: str) -> web.Handler:
+def _idp_handler(mode: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/healthy"):
             return token_answer()

@@ -49,7 +49,9 @@ def with_route(route: str) -> str:
 def with_client(client: str) -> str:
     """One client 'orders' with the given body (indented by 4) and one route to it."""
     body = textwrap.indent(textwrap.dedent(client), "    ")
-    return "clients:\n  orders:\n" + body + "routes:\n  - host: api.example.com\n    client: orders\n"
+    return (
+        "clients:\n  orders:\n" + body + "routes:\n  - host: api.example.com\n    client: orders\n"
+    )
 
 
 # --- a valid file --------------------------------------------------------------------
@@ -129,8 +131,7 @@ def test_admin_listen_equal_to_listen_is_refused() -> None:
 def test_proxy_settings_of_the_wrong_type_name_the_field() -> None:
     assert problems("proxy:\n  connect_timeout_s: 0\n  unmatched: allow\n") == [
         "routes.yaml:2:22: proxy.connect_timeout_s: input should be greater than 0; fix the value",
-        "routes.yaml:3:14: proxy.unmatched: input should be 'deny' or 'passthrough'; "
-        "fix the value",
+        "routes.yaml:3:14: proxy.unmatched: input should be 'deny' or 'passthrough'; fix the value",
     ]
 
 
@@ -165,9 +166,7 @@ def test_unknown_top_level_key_suggests_the_close_one() -> None:
             "routes.yaml:2:3: proxy.listne: unknown key 'listne'; did you mean 'listen'?",
         ),
         (
-            with_client(
-                "token_url: https://idp.example.com/t\nclient_id: a\nclient_secert: x\n"
-            ),
+            with_client("token_url: https://idp.example.com/t\nclient_id: a\nclient_secert: x\n"),
             "routes.yaml:5:5: clients.orders.client_secert: unknown key 'client_secert'; "
             "did you mean 'client_secret'?",
         ),
@@ -269,7 +268,7 @@ def test_client_secret_file_is_read_and_its_trailing_newline_stripped(tmp_path: 
             f"token_url: https://idp.example.com/t\nclient_id: a\nclient_secret_file: {secret}\n"
         )
     )
-    assert config.clients["orders"].client_secret == Secret("from-file-secret")
+    assert config.clients["orders"].client_secret.value == "from-file-secret"
 
 
 def test_unreadable_client_secret_file_is_named_with_the_reason(tmp_path: Path) -> None:

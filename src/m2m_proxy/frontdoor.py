@@ -1,0 +1,80 @@
+"""The proxy listener's HTTP server: aiohttp's low-level ``web.Server`` whose
+connection handler answers unparseable requests with our problem+json.
+
+aiohttp's default error page echoes the offending request line or header back
+(and its server logger logs it); a header may carry a credential, so here the
+client only learns the status and a fixed reason, and the log only the fact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from m2m_proxy.errors import BadRequestError, ProxyError, render_problem
+from m2m_proxy.logs import Logger
+
+_REASONS = {
+    400: "the request is not valid HTTP/1.1",
+    413: "the request is too large",
+    414: "the request target is too long",
+    431: "the request headers are too large",
+    500: "the proxy failed to handle the request",
+    504: "the proxy's request handler timed out",
+}
+
+
+class _ParseErrorProblem(ProxyError):
+    """The client's bytes could not be parsed; status comes from aiohttp's parser."""
+
+    code = "bad_request"
+    proxy_status = "http_request_error"
+    title = BadRequestError.title
+
+
+class _ProblemRequestHandler(web.RequestHandler):
+    """RequestHandler whose error responses are problem+json with no echo."""
+
+    def __init__(self, manager: web.Server, *, proxy_name: str, log: Logger, **kwargs: Any):
+        super().__init__(manager, **kwargs)
+        self._proxy_name = proxy_name
+        self._log = log
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had started; the connection is dropped")
+        self._log.info(
+            "request_rejected",
+            status=status,
+            reason=type(exc).__name__ if exc is not None else "handler_error",
+        )
+        error = _ParseErrorProblem(_REASONS.get(status, "the request could not be handled"))
+        error.status = status
+        if status >= 500:
+            error.code = "internal_error"
+            error.proxy_status = "proxy_internal_error"
+        _, headers, body = render_problem(error, self._proxy_name)
+        response = web.Response(status=status, headers=headers, body=body)
+        response.force_close()
+        return response
+
+
+class FrontDoor(web.Server):
+    """``web.Server`` building :class:`_ProblemRequestHandler` per connection."""
+
+    def __init__(self, handler: Any, *, proxy_name: str, log: Logger, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._proxy_name = proxy_name
+        self._log = log
+
+    def __call__(self) -> web.RequestHandler:
+        return _ProblemRequestHandler(
+            self, proxy_name=self._proxy_name, log=self._log, loop=self._loop, **self._kwargs
+        )
