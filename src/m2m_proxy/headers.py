@@ -6,6 +6,7 @@ set to the destination's authority, the credential (if any) replaces whatever
 Authorization the client sent (exactly one reaches the upstream, added after the
 removal so ``Connection: Authorization`` cannot strip it), and Via is appended.
 Content-Length and Transfer-Encoding are never copied: the sending side re-frames.
+Expect is not forwarded: the proxy's server side has already answered 100-continue.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ _AUTHORIZATION = istr("Authorization")
 _HOST = istr("Host")
 _CONTENT_LENGTH = istr("Content-Length")
 _VIA = istr("Via")
-_UPSTREAM_DROP = HOP_BY_HOP | {_HOST, _CONTENT_LENGTH}
+# Expect: the proxy answers 100-continue itself and has the body (or its start) in hand.
+_UPSTREAM_DROP = HOP_BY_HOP | {_HOST, _CONTENT_LENGTH, istr("Expect")}
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
