@@ -492,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         echo_logs=True,
     )
     proxy: subprocess.Popen[bytes] | None = None
-    # SIGINT already raises KeyboardInterrupt; make SIGTERM do the same, so both unwind
-    # through the finally below and stop everything we started.
+    # Ctrl-C and SIGTERM both unwind through the finally below and stop everything we
+    # started. SIGINT is set explicitly: a shell's background job inherits it as ignored.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         stack.start()
