@@ -65,7 +65,7 @@ def test_make_run_banner_command_works_and_ctrl_c_stops_everything(tmp_path: Pat
                 break
         [command] = [ln.split("#")[0].split() for ln in banner if ln.strip().startswith("curl -x")]
         result = subprocess.run(
-            command + ["-sS", "--fail-with-body"],
+            [*command, "-sS", "--fail-with-body"],
             capture_output=True,
             text=True,
             timeout=30,
