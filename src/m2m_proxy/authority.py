@@ -63,7 +63,7 @@ def split_authority(authority: str, *, allow_zero: bool = False) -> tuple[str, i
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
     """A TCP port; 0 (any free port) only where ``allow_zero``, i.e. for listeners."""
     low = 0 if allow_zero else 1
-    if not text.isdigit() or len(text) > 5 or not low <= int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not low <= int(text) < 65536:
         raise AuthorityError(f"port '{text}' must be a number from {low} to 65535")
     return int(text)
 

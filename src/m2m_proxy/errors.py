@@ -25,8 +25,10 @@ from a peer: an IdP's body, a token or a secret must never reach ``detail``.
 from __future__ import annotations
 
 import json
+import re
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+_SF_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+.^_`|~:/-]*")  # RFC 8941 sf-token
 
 
 class ProxyError(Exception):
@@ -143,10 +145,11 @@ def render_problem(error: ProxyError, proxy_name: str) -> tuple[int, dict[str, s
         "code": error.code,
         "detail": error.detail,
     }
+    name = proxy_name if _SF_TOKEN.fullmatch(proxy_name) else f'"{_sf_escape(proxy_name)}"'
     details = _sf_escape(error.code)
     headers = {
         "Content-Type": PROBLEM_CONTENT_TYPE,
-        "Proxy-Status": f'{proxy_name}; error={error.proxy_status}; details="{details}"',
+        "Proxy-Status": f'{name}; error={error.proxy_status}; details="{details}"',
         "Cache-Control": "no-store",
     }
     if error.retry_after_s is not None:

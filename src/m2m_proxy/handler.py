@@ -42,7 +42,6 @@ class ProxyHandler:
         self._settings = settings
         self._log = log
         self._clock = clock
-        self._origins: dict[str, tuple[str, str]] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = self._clock()
@@ -102,12 +101,7 @@ class ProxyHandler:
                 f"route '{route.name}' would send an https request upstream over plain "
                 "http; make its upstream https://"
             )
-        cached = self._origins.get(route.name)
-        if cached is None:
-            host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-            cached = (f"{upstream.scheme}://{host}:{upstream.port}", upstream.authority)
-            self._origins[route.name] = cached
-        return URL(cached[0] + target.path_qs, encoded=True), cached[1]
+        return URL(upstream.base_url + target.path_qs, encoded=True), upstream.authority
 
     def _problem(self, exc: ProxyError) -> web.Response:
         status, headers, body = render_problem(exc, self._settings.name)

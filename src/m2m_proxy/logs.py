@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -46,15 +46,22 @@ class Redactor:
         self, _logger: Any, _method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in event.items():
-            if key in _SECRET_KEYS:
-                event[key] = REDACTED
-            elif isinstance(value, str) and value:
-                event[key] = self.scrub(value)
+            event[key] = self._clean(key, value)
         return event
 
+    def _clean(self, key: object, value: Any) -> Any:
+        if isinstance(key, str) and key.lower() in _SECRET_KEYS:
+            return REDACTED
+        if isinstance(value, str):
+            return self.scrub(value) if value else value
+        if isinstance(value, Mapping):
+            return {k: self._clean(k, v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(None, v) for v in value]
+        return value
+
     def scrub(self, text: str) -> str:
-        if " " in text:
-            text = _CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+        text = _CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)

@@ -228,8 +228,13 @@ def test_default_is_used_only_when_the_variable_is_unset() -> None:
     assert load(text).clients["orders"].client_secret.value == "s3cret-value"
 
 
-def test_variable_set_to_empty_is_used_rather_than_the_default() -> None:
+def test_variable_set_to_empty_takes_the_default_as_in_the_shell() -> None:
     text = CLIENTS.replace("client_id: orders-id", "client_id: x${SUFFIX:-dflt}")
+    assert load(text, environ={**ENV, "SUFFIX": ""}).clients["orders"].client_id == "xdflt"
+
+
+def test_variable_set_to_empty_without_default_stays_empty() -> None:
+    text = CLIENTS.replace("client_id: orders-id", "client_id: x${SUFFIX}")
     assert load(text, environ={**ENV, "SUFFIX": ""}).clients["orders"].client_id == "x"
 
 
@@ -280,6 +285,30 @@ def test_unreadable_client_secret_file_is_named_with_the_reason(tmp_path: Path) 
     ) == [
         f"routes.yaml:5:25: clients.orders.client_secret_file: cannot read '{missing}': "
         "No such file or directory; check the path and that this user may read it"
+    ]
+
+
+def test_client_secret_file_that_is_a_directory_is_named_with_the_reason(tmp_path: Path) -> None:
+    assert problems(
+        with_client(
+            f"token_url: https://idp.example.com/t\nclient_id: a\nclient_secret_file: {tmp_path}\n"
+        )
+    ) == [
+        f"routes.yaml:5:25: clients.orders.client_secret_file: cannot read '{tmp_path}': "
+        "Is a directory; check the path and that this user may read it"
+    ]
+
+
+def test_client_secret_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.secret"
+    binary.write_bytes(b"\xff\xfe\x00secret")
+    assert problems(
+        with_client(
+            f"token_url: https://idp.example.com/t\nclient_id: a\nclient_secret_file: {binary}\n"
+        )
+    ) == [
+        f"routes.yaml:5:25: clients.orders.client_secret_file: cannot read '{binary}': "
+        "not UTF-8; check the path and that this user may read it"
     ]
 
 
@@ -465,8 +494,8 @@ def test_malformed_route_host_is_refused(host: str) -> None:
 
 def test_wildcard_label_in_the_middle_is_refused_with_the_wildcard_rule() -> None:
     assert problems(with_route("host: '*.*.example.com'\nclient: orders\n")) == [
-        "routes.yaml:7:11: routes[0].host: '*.example.com' is not a valid host name; "
-        "write a host like api.example.com or *.example.com"
+        "routes.yaml:7:11: routes[0].host: a wildcard may only be a leading '*.' label, "
+        "e.g. *.example.com"
     ]
 
 
@@ -768,3 +797,19 @@ def test_load_config_of_a_non_utf8_file_is_a_config_error(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert str(info.value).startswith(f"{path}: cannot read the routes file: ")
+
+
+def test_two_routes_with_the_same_name_are_refused() -> None:
+    text = with_route("host: a.example.com\nclient: orders\nname: same\n")
+    text += "  - host: b.example.com\n    client: orders\n    name: same\n"
+    [problem] = problems(text)
+    assert problem.endswith(
+        "routes[1].name: route name 'same' is already used by routes[0]; "
+        "give each route its own name"
+    )
+
+
+def test_listen_given_as_a_port_string_binds_loopback() -> None:
+    text = "proxy:\n  listen: '${PORT}'\n" + CLIENTS
+    config = load(text, environ={**ENV, "PORT": "18080"})
+    assert (config.proxy.listen.host, config.proxy.listen.port) == ("127.0.0.1", 18080)

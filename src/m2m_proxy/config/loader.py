@@ -118,12 +118,12 @@ class _Checker:
         try:
             return model.model_validate({} if data is None else data)
         except ValidationError as exc:
-            self._add_pydantic(exc, base)
+            self._add_pydantic(exc, data, base)
             return None
 
-    def _add_pydantic(self, exc: ValidationError, base: Path) -> None:
+    def _add_pydantic(self, exc: ValidationError, data: Any, base: Path) -> None:
         for err in exc.errors():
-            path: Path = (*base, *err["loc"])
+            path: Path = (*base, *_data_path(data, err["loc"]))
             if err["type"] == "extra_forbidden":
                 self.problem(path, _unknown_key_message(path), key=True)
             elif err["type"] == "missing":
@@ -142,7 +142,10 @@ class _Checker:
         clients: dict[str, ClientConfig] = {}
         for name, item in client_data.items():
             section = self.validate(ClientSection, item, ("clients", name))
-            client = self._client(name, section) if section else None
+            if section is None:
+                self._check_raw_client(name, item)
+                continue
+            client = self._client(name, section)
             if client is not None:
                 clients[name] = client
         route_data = data.get("routes") or []
@@ -190,7 +193,7 @@ class _Checker:
         )
 
     def _address(self, path: Path, value: str | int) -> Address:
-        text = f"127.0.0.1:{value}" if isinstance(value, int) else value
+        text = f"127.0.0.1:{value}" if isinstance(value, int) or value.isdecimal() else value
         try:
             host, port = split_authority(text, allow_zero=True)
         except AuthorityError as exc:
@@ -217,8 +220,29 @@ class _Checker:
             token_params=params,
         )
 
+    def _check_raw_client(self, name: str, item: Any) -> None:
+        """Checks that do not need a valid section, so one bad field hides nothing."""
+        if not isinstance(item, dict):
+            return
+        base: Path = ("clients", name)
+        if isinstance(item.get("token_url"), str):
+            self._check_token_url((*base, "token_url"), item["token_url"])
+        if isinstance(item.get("client_secret_file"), str):
+            self._read_secret_file((*base, "client_secret_file"), item["client_secret_file"])
+        if isinstance(item.get("token_params"), dict):
+            self._token_params((*base, "token_params"), item["token_params"])
+
     def _check_token_url(self, path: Path, url: str) -> None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises ValueError for a port out of range or not a number
+        except ValueError as exc:
+            self.problem(
+                path,
+                f"'{url}' is not a valid URL ({exc}); write e.g. "
+                "https://idp.example.com/oauth2/token",
+            )
+            return
         if parts.scheme not in ("http", "https") or not parts.hostname:
             self.problem(
                 path,
@@ -243,19 +267,20 @@ class _Checker:
                 self.problem((*base, "client_secret"), "is empty; set it (e.g. from ${ENV})")
                 return None
             return Secret(section.client_secret)
-        path = (*base, "client_secret_file")
+        return self._read_secret_file((*base, "client_secret_file"), section.client_secret_file)
+
+    def _read_secret_file(self, path: Path, file: str | None) -> Secret | None:
         try:
-            value = FsPath(str(section.client_secret_file)).read_text(encoding="utf-8").strip()
+            value = FsPath(str(file)).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
             self.problem(
                 path,
-                f"cannot read '{section.client_secret_file}': {reason}; "
-                "check the path and that this user may read it",
+                f"cannot read '{file}': {reason}; check the path and that this user may read it",
             )
             return None
         if not value:
-            self.problem(path, f"'{section.client_secret_file}' is empty; put the secret in it")
+            self.problem(path, f"'{file}' is empty; put the secret in it")
             return None
         return Secret(value)
 
@@ -275,6 +300,7 @@ class _Checker:
     ) -> tuple[RouteConfig, ...]:
         routes: list[RouteConfig] = []
         seen: dict[tuple[str, int | None, str], int] = {}
+        names: dict[str, int] = {}
         for index, section in enumerate(sections):
             if section is None:
                 continue
@@ -289,7 +315,15 @@ class _Checker:
                     f"routes[{seen[key]}]; merge the two or remove one",
                 )
                 continue
+            if route.name in names:
+                self.problem(
+                    ("routes", index, "name"),
+                    f"route name '{route.name}' is already used by routes[{names[route.name]}]; "
+                    "give each route its own name",
+                )
+                continue
             seen[key] = index
+            names[route.name] = index
             routes.append(route)
         return tuple(routes)
 
@@ -323,13 +357,13 @@ class _Checker:
 
     def _host_pattern(self, path: Path, text: str) -> tuple[str, int | None] | None:
         wildcard = text.startswith("*.")
+        if "*" in text[1:] or (text.startswith("*") and not wildcard):
+            self.problem(path, "a wildcard may only be a leading '*.' label, e.g. *.example.com")
+            return None
         try:
             host, port = split_authority(text[2:] if wildcard else text)
         except AuthorityError as exc:
             self.problem(path, f"{exc}; write a host like api.example.com or *.example.com")
-            return None
-        if "*" in text[1:] or (text.startswith("*") and not wildcard):
-            self.problem(path, "a wildcard may only be a leading '*.' label, e.g. *.example.com")
             return None
         if wildcard and _public_suffixes().is_public(host):
             self.problem(
@@ -357,8 +391,12 @@ class _Checker:
     def _upstream(self, path: Path, url: str | None) -> Origin | None:
         if url is None:
             return None
-        parts = urlsplit(url)
         hint = "write scheme://host[:port], e.g. https://api.example.com"
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            self.problem(path, f"'{url}' is not a valid URL ({exc}); {hint}")
+            return None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             self.problem(path, f"'{url}' is not an http(s) URL; {hint}")
             return None
@@ -387,6 +425,28 @@ class _Checker:
                     "(RFC 6749 §3.3); remove spaces and quotes",
                 )
         return tuple(sorted(set(items)))
+
+
+def _data_path(data: Any, loc: tuple[str | int, ...]) -> Path:
+    """The part of a pydantic error location that exists in the data.
+
+    pydantic appends union member names ("str", "list[str]") below a field; they are
+    not keys of the file, so the path stops at the field itself.
+    """
+    path: list[str | int] = []
+    current = data
+    for part in loc:
+        if isinstance(current, dict):
+            path.append(part)
+            if part not in current:
+                break
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            path.append(part)
+            current = current[part]
+        else:
+            break
+    return tuple(path)
 
 
 @functools.cache

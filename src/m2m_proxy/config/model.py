@@ -49,13 +49,17 @@ class Origin:
     scheme: str
     host: str
     port: int
+    authority: str = field(init=False)
+    """Host header value: the port only when it is not the scheme's default."""
+    base_url: str = field(init=False)
+    """scheme://host:port, to which the request's path and query are appended."""
 
-    @property
-    def authority(self) -> str:
-        """Host header value: the port only when it is not the scheme's default."""
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        authority = host if self.port == default else f"{host}:{self.port}"
+        object.__setattr__(self, "authority", authority)
+        object.__setattr__(self, "base_url", f"{self.scheme}://{host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)

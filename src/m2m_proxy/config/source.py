@@ -1,9 +1,10 @@
 """YAML text → plain data, with the position of every key and value kept.
 
 Parsing uses PyYAML's SafeLoader composer (no arbitrary tags). ``${VAR}`` and
-``${VAR:-default}`` expand from the given environment inside string scalars; ``$$``
-is a literal ``$``. Problems (syntax, duplicate keys, unset variables) are collected,
-not raised one at a time, so ``m2m-proxy check`` can list them all.
+``${VAR:-default}`` (default when VAR is unset or empty, as in the shell) expand from
+the given environment inside string scalars; ``$$`` is a literal ``$``. Problems
+(syntax, duplicate keys, unset variables) are collected, not raised one at a time,
+so ``m2m-proxy check`` can list them all.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class _Converter:
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        value = self._constructor.construct_object(node, deep=True)
+        value = self._construct(node, path)
         if isinstance(value, str):
             return self._expand(value, node, path)
         return value
@@ -117,7 +118,9 @@ class _Converter:
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = self._constructor.construct_object(key_node, deep=True)
+            key = self._construct(key_node, path)
+            if key is None:
+                continue
             if not isinstance(key, str | int):
                 self._problem(key_node, path, "keys must be plain strings; quote this key")
                 continue
@@ -132,6 +135,20 @@ class _Converter:
             out[key] = self.convert(value_node, child)
         return out
 
+    def _construct(self, node: yaml.Node, path: Path) -> Any:
+        """A scalar's value; an unsupported tag or bad tagged value is a problem, not a crash."""
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError):
+            tag = node.tag.rsplit(":", 1)[-1]
+            self._problem(
+                node,
+                path,
+                f"cannot read this value (tag {tag!r}); write a plain "
+                "string, number, list or mapping",
+            )
+            return None
+
     def _expand(self, value: str, node: yaml.Node, path: Path) -> str:
         if "$" not in value:
             return value
@@ -140,10 +157,11 @@ class _Converter:
             if match.group(0) == "$$":
                 return "$"
             name, default = match.group(1), match.group(2)
-            if name in self._environ:
-                return self._environ[name]
-            if default is not None:
-                return default
+            value = self._environ.get(name)
+            if default is not None and not value:
+                return default  # as in the shell: ${VAR:-x} also replaces an empty VAR
+            if value is not None:
+                return value
             self._problem(
                 node,
                 path,

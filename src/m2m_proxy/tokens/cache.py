@@ -1,9 +1,11 @@
 """TokenCache: cached tokens per credential, one fetch in flight per credential.
 
 The hot path is :meth:`TokenCache.peek`: a dict lookup and a clock compare, no
-await. :meth:`obtain` is the slow path: every caller for the same credential
-awaits the same shielded fetch task, so a burst of N cold requests or N 401s
-costs one IdP call, and a caller that goes away never cancels it for the others.
+await. A token is fresh until ``renew_at``; from then until ``expires_at`` it is
+still served while one background fetch replaces it. :meth:`obtain` is the slow
+path: every caller for the same credential awaits the same shielded fetch task,
+so a burst of N cold requests or N 401s costs one IdP call, and a caller that goes
+away never cancels it for the others.
 """
 
 from __future__ import annotations
@@ -51,21 +53,28 @@ class TokenCache:
         return None
 
     async def obtain(self, key: CredentialKey) -> Token:
-        """A fresh token: cached, or from the one shared fetch for ``key``.
+        """A usable token: cached, or from the one shared fetch for ``key``.
 
-        Raises the fetch's TokenError; after a failure, callers within
-        ``failure_hold_s`` get the same error at once instead of a new IdP call.
+        Past ``renew_at`` but before ``expires_at`` the cached token is returned at
+        once while the refresh runs in the background, so a slow or down IdP never
+        delays a request that still holds a valid token. Only with no valid token
+        does the caller wait; it then gets the fetch's TokenError. After a failure,
+        callers within ``failure_hold_s`` get the same error without a new IdP call.
         """
-        token = self.peek(key)
-        if token is not None:
+        token = self._tokens.get(key)
+        now = self._clock()
+        if token is not None and now < token.renew_at:
             return token
         task = self._inflight.get(key)
-        if task is None:
-            failure = self._failures.get(key)
-            if failure is not None and self._clock() < failure[0]:
-                raise failure[1]
+        failure = self._failures.get(key)
+        if task is None and (failure is None or now >= failure[0]):
             task = self._tasks.start(self._refresh(key), name="token-fetch")
             self._inflight[key] = task
+        if token is not None and now < token.expires_at:
+            return token
+        if task is None and failure is not None:
+            raise failure[1]
+        assert task is not None  # noqa: S101 - started above unless a failure is held
         return await asyncio.shield(task)
 
     def invalidate(self, key: CredentialKey, used: Token) -> bool:

@@ -26,7 +26,7 @@ from tenacity import (
 )
 
 from m2m_proxy.config import AuthMethod, ClientConfig, CredentialSpec
-from m2m_proxy.errors import TokenTimeoutError, TokenUnavailableError
+from m2m_proxy.errors import TokenResponseInvalidError, TokenTimeoutError, TokenUnavailableError
 from m2m_proxy.tokens.model import TokenGrant
 from m2m_proxy.tokens.response import MAX_BODY_BYTES, parse_success, rejection
 
@@ -69,7 +69,6 @@ class TokenClient:
             wait=_wait,
             reraise=True,
         )
-        deadline = time.monotonic() + self._timeout_s
         try:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + self._timeout_s):
                 async for attempt in retrying:
@@ -84,7 +83,7 @@ class TokenClient:
         except _TransientError as exc:
             raise TokenUnavailableError(
                 f"the token endpoint of client '{client.name}' failed: {exc.reason}",
-                retry_after_s=exc.retry_after_s or max(1.0, deadline - time.monotonic()),
+                retry_after_s=exc.retry_after_s or 1.0,
             ) from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
@@ -100,15 +99,18 @@ class TokenClient:
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
         except aiohttp.ClientError as exc:
             raise _TransientError(f"network error ({type(exc).__name__})") from None
-        if len(body) > MAX_BODY_BYTES:
-            raise _TransientError(f"answer larger than {MAX_BODY_BYTES} bytes")
-        if status == 200:
-            return parse_success(body)
         if status == 429 or status >= 500:
             raise _TransientError(f"HTTP {status}", retry_after)
-        if 300 <= status < 400:
-            raise _TransientError(f"HTTP {status} redirect (redirects are never followed)")
-        raise rejection(status, body)
+        if len(body) > MAX_BODY_BYTES:
+            raise TokenResponseInvalidError(f"the token response is over {MAX_BODY_BYTES} bytes")
+        if status == 200:
+            return parse_success(body, now=time.time())
+        if 400 <= status < 500:
+            raise rejection(status, body)
+        raise TokenResponseInvalidError(
+            f"the token endpoint answered HTTP {status} (redirects are never followed); "
+            "check token_url"
+        )
 
 
 def build_request(
@@ -145,6 +147,6 @@ def _wait(state: RetryCallState) -> float:
 
 def _retry_after(value: str | None) -> float | None:
     """Retry-After in delta-seconds (HTTP-dates are rare on token endpoints: ignored)."""
-    if value is None or not value.strip().isdigit():
+    if value is None or not (value.strip().isascii() and value.strip().isdigit()):
         return None
     return float(value.strip())

@@ -7,6 +7,7 @@ that echoes secrets cannot leak them through us.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -35,16 +36,20 @@ KNOWN_OAUTH_ERRORS = frozenset(
 )
 
 # RFC 6750 b64token plus the characters real IdPs put in opaque tokens; never CR/LF.
-_HEADER_SAFE_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+_HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
-def parse_success(body: bytes) -> TokenGrant:
-    """Validate a 200 answer; raise TokenResponseInvalidError saying what was wrong."""
+def parse_success(body: bytes, *, now: float) -> TokenGrant:
+    """Validate a 200 answer; raise TokenResponseInvalidError saying what was wrong.
+
+    Without ``expires_in``, a JWT access token's ``exp`` (against the wall clock
+    ``now``) gives the lifetime; the signature is not checked, the API does that.
+    """
     data = _json_object(body)
     token = data.get("access_token")
     if not isinstance(token, str) or not token:
         raise TokenResponseInvalidError("the token response has no access_token string")
-    if len(token) > 16 * 1024 or not _HEADER_SAFE_TOKEN.match(token):
+    if len(token) > 16 * 1024 or not _HEADER_SAFE_TOKEN.fullmatch(token):
         raise TokenResponseInvalidError(
             "the access_token is not a legal header value (control characters, spaces "
             "or over 16 KiB)"
@@ -55,9 +60,12 @@ def parse_success(body: bytes) -> TokenGrant:
             "the token_type is not 'Bearer'; only bearer tokens are supported"
         )
     scope = data.get("scope")
+    expires_in = _expires_in(data.get("expires_in"))
+    if expires_in is None:
+        expires_in = _jwt_lifetime(token, now)
     return TokenGrant(
         access_token=token,
-        expires_in_s=_expires_in(data.get("expires_in")),
+        expires_in_s=expires_in,
         scope=scope if isinstance(scope, str) else None,
     )
 
@@ -65,13 +73,30 @@ def parse_success(body: bytes) -> TokenGrant:
 def _expires_in(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)  # some IdPs send a JSON string; RFC 6749 says number
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise TokenResponseInvalidError("expires_in is not a number")
     if value <= 0:
         raise TokenResponseInvalidError("expires_in is not positive")
     return float(value)
+
+
+def _jwt_lifetime(token: str, now: float) -> float | None:
+    """Seconds until the ``exp`` claim of a JWS compact token, or None if not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        return None
+    if exp <= now:
+        raise TokenResponseInvalidError("the access token's exp claim is already in the past")
+    return float(exp - now)
 
 
 def rejection(status: int, body: bytes) -> TokenRejectedError:
