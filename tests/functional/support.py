@@ -6,11 +6,17 @@ import asyncio
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import textwrap
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -119,3 +125,44 @@ async def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, s
     )
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def proxy_process(
+    config: Path, admin_port: int, output: IO[bytes] | int = subprocess.DEVNULL
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """``python -m m2m_proxy run`` as a real process, ready when this yields."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m2m_proxy", "run", "--config", str(config)],
+        env={**os.environ, "SENTINEL_SECRET": SENTINEL_SECRET},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        await asyncio.to_thread(_wait_ready, f"http://127.0.0.1:{admin_port}/readyz", proc)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the proxy exited with code {proc.returncode}")
+        try:
+            with opener.open(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("the proxy did not become ready")

@@ -4,13 +4,12 @@ proxy keeps serving other routes."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import aiohttp
 from aiohttp import web
 
-from tests.functional.support import Handler, fake_server, running_proxy, token_answer
+from tests.functional.support import Handler, fake_server, free_port, running_proxy, token_answer
 
 
 def _routes(token_url: str, upstream: str, extra: str = "") -> str:
@@ -40,12 +39,6 @@ routes:
 
 async def _ok(_request: web.Request) -> web.Response:
     return web.Response(text="upstream ok")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _get(
@@ -148,7 +141,7 @@ async def test_idp_429_retry_after_beyond_budget_fails_fast_with_retry_after() -
 
 
 async def test_idp_down_gives_502_fast_and_failure_is_held_briefly() -> None:
-    dead = f"http://127.0.0.1:{_free_port()}/token"
+    dead = f"http://127.0.0.1:{free_port()}/token"
     async with fake_server(_ok) as api:
         routes = _routes(dead, api.url).replace(
             f"{dead.rsplit('/', 1)[0]}/healthy", f"{api.url}/never-called"

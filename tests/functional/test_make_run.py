@@ -13,12 +13,7 @@ import time
 from pathlib import Path
 
 from tests.functional.conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.functional.support import free_port
 
 
 def _port_open(port: int) -> bool:
@@ -27,7 +22,7 @@ def _port_open(port: int) -> bool:
 
 
 def test_make_run_banner_command_works_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    idp, api, proxy, admin = (_free_port() for _ in range(4))
+    idp, api, proxy, admin = (free_port() for _ in range(4))
     example = (ROOT / "routes.example.yaml").read_text()
     for old, new in (("9400", idp), ("9500", api), ("8080", proxy), ("9901", admin)):
         example = example.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")

@@ -8,38 +8,20 @@ rejections and failures whose bodies echo the secret, and malformed requests.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from tests.functional.support import SENTINEL_SECRET, SENTINEL_TOKEN, fake_server
+from tests.functional.support import (
+    SENTINEL_SECRET,
+    SENTINEL_TOKEN,
+    fake_server,
+    free_port,
+    proxy_process,
+)
 
 SECOND_TOKEN = SENTINEL_TOKEN + "-second"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, timeout_s: float = 20) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with opener.open(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("proxy not ready")
 
 
 async def test_sentinel_secret_and_tokens_never_leak(tmp_path: Path) -> None:
@@ -65,7 +47,7 @@ async def test_sentinel_secret_and_tokens_never_leak(tmp_path: Path) -> None:
             return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
         return web.Response(text="ok")
 
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     async with fake_server(idp) as idp_server, fake_server(api) as api_server:
         config = tmp_path / "routes.yaml"
         config.write_text(f"""
@@ -101,18 +83,8 @@ routes:
 """)
         out_file = tmp_path / "proxy.out"
         with out_file.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "m2m_proxy", "run", "--config", str(config)],
-                env={**os.environ, "SENTINEL_SECRET": SENTINEL_SECRET},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                await asyncio.to_thread(_wait_ready, f"http://127.0.0.1:{admin}/readyz")
+            async with proxy_process(config, admin, out):
                 responses = await _drive(f"http://127.0.0.1:{port}", port)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=10)
     logs = out_file.read_text()
     assert "request_completed" in logs and "token_fetch_failed" in logs  # logs were written
     assert [r.split(b" ", 2)[1] for r in responses[:4]] == [b"200", b"200", b"502", b"502"]

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -16,36 +10,15 @@ import psutil
 from dev_stack import DevStack
 
 from tests.functional.conftest import RESOURCE
-from tests.functional.support import SENTINEL_SECRET
+from tests.functional.support import free_port, proxy_process
 
 SIZE = 200 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"proxy exited with {proc.returncode}")
-        try:
-            with opener.open(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("proxy not ready")
 
 
 async def test_200mb_response_streams_with_small_rss_growth(
     stack: DevStack, tmp_path: Path
 ) -> None:
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     config = tmp_path / "routes.yaml"
     config.write_text(f"""
 proxy:
@@ -63,14 +36,7 @@ routes:
     resource: {RESOURCE}
     upstream: {stack.api_url}
 """)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "m2m_proxy", "run", "--config", str(config)],
-        env={**os.environ, "SENTINEL_SECRET": SENTINEL_SECRET},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        await asyncio.to_thread(_wait_ready, f"http://127.0.0.1:{admin}/readyz", proc)
+    async with proxy_process(config, admin) as proc:
         process = psutil.Process(proc.pid)
         proxy = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as client:
@@ -87,9 +53,6 @@ routes:
                     received += len(chunk)
                     peak = max(peak, process.memory_info().rss)
                     await asyncio.sleep(0)  # a slow-ish reader: backpressure must hold
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     assert received == SIZE
     growth_mb = (peak - baseline) / (1024 * 1024)
     assert growth_mb < 50, f"RSS grew by {growth_mb:.1f} MB"
