@@ -6,10 +6,18 @@ PIP    := $(VENV)/bin/pip
 IDP    := deploy/dev-idp
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit functional bench check-example clean
+.PHONY: install system-deps run test lint typecheck unit functional bench check-example clean
 
-## install: virtualenv with the project and dev tools, plus the dev IdP's npm packages
-install: $(STAMP) $(IDP)/node_modules/.package-lock.json
+## install: system tools, virtualenv with the project and dev tools, the dev IdP's npm packages
+install: system-deps $(STAMP) $(IDP)/node_modules/.package-lock.json
+
+# curl is a test client; Node.js and npm run the dev IdP. Installed with apt when missing
+# and running as root; otherwise the message says what to install.
+system-deps:
+	@command -v curl >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; } || \
+		{ echo "install curl" >&2; exit 1; }
+	@command -v npm >/dev/null || { echo "install Node.js 20+ with npm" >&2; exit 1; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
