@@ -11,7 +11,10 @@ warms them up, then loads four targets with wrk, alternating A B C D for --reps 
 
 Prints a table and the ratios, writes bench/results/latest.json and, with --write-docs,
 the results section of docs/benchmarks.md. Every process it starts is stopped on exit,
-Ctrl-C or error. Exit code: 0 ok, 1 failure or any non-2xx/socket error, 130 interrupted.
+Ctrl-C, SIGTERM or error. --hold starts everything and waits, for profiling by hand.
+
+Exit code: 0 measured cleanly (whatever the ratios); 1 could not run, or a non-2xx answer,
+a socket error, a rejection by the demo API or an unexpected token request; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -41,10 +45,11 @@ from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for deploy/dev_stack.py when run as a script
+# deploy/dev_stack.py, imported as `dev_stack` like the tests do (mypy_path/pythonpath: deploy).
+if str(ROOT / "deploy") not in sys.path:
+    sys.path.insert(0, str(ROOT / "deploy"))
 
-from deploy.dev_stack import DevStack, DevStackError, terminate, wait_proxy_ready  # noqa: E402
+from dev_stack import DevStack, DevStackError, terminate, wait_proxy_ready  # noqa: E402
 
 BENCH = ROOT / "bench"
 RESULTS_JSON = BENCH / "results" / "latest.json"
@@ -105,6 +110,7 @@ class Target:
     description: str
     url: str
     script: Path
+    server_pid: int  # whose CPU time per request is reported (the proxy, or the demo API)
     headers: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
 
@@ -116,10 +122,20 @@ class WrkRun:
     duration_s: float
     latency_us: dict[str, float]
     errors: dict[str, int]
+    response_bytes: float  # mean size of a response as wrk read it, headers included
+    server_cpu_us: float = 0.0  # CPU time of the target's server process per request
+    other_load: float = 0.0  # cores busy with processes that are not part of the benchmark
+    steal: float = 0.0  # cores taken by the hypervisor
+    attempts: int = 1
 
     @property
     def error_total(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def disturbance(self) -> float:
+        """Cores not available to the benchmark: other processes plus hypervisor steal."""
+        return self.other_load + self.steal
 
 
 def run_wrk(wrk: str, target: Target, *, duration: float, connections: int, threads: int) -> WrkRun:
@@ -159,7 +175,99 @@ def run_wrk(wrk: str, target: Target, *, duration: float, connections: int, thre
         duration_s=duration_s,
         latency_us={k: float(v) for k, v in data["latency_us"].items()},
         errors={k: int(v) for k, v in data["errors"].items()},
+        response_bytes=data["bytes"] / max(data["requests"], 1),
     )
+
+
+# -- CPU accounting ----------------------------------------------------------------------------
+# The machine is shared (2 cores, and often someone's test suite): besides wall-clock numbers,
+# each run records the server's CPU time per request and how many cores *other* processes
+# used meanwhile, so a disturbed run can be seen, and retried.
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def pid_cpu_s(pid: int) -> float:
+    """utime + stime of a live process, in seconds (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return 0.0
+    fields = text.rpartition(")")[2].split()  # fields[0] is the state (field 3 of stat)
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def descendants(root: int) -> list[int]:
+    """Live descendants of ``root`` (children, grandchildren, ...)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text(encoding="ascii", errors="replace")
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(text.rpartition(")")[2].split()[1])
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [child for child, ppid in parent.items() if ppid == pid]
+        found += children
+        frontier += children
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    busy_s: float  # whole machine, all cores, excluding idle, iowait and steal
+    steal_s: float
+    ours_s: float  # this script, its reaped children (wrk) and the long-running ones
+    per_pid_s: dict[int, float]
+
+    @classmethod
+    def take(cls, pids: Sequence[int]) -> CpuSample:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        per_pid = {pid: pid_cpu_s(pid) for pid in pids}
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = sum(per_pid.values()) + me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        return cls(
+            busy_s=(user + nice + system + irq + softirq) / _TICKS,
+            steal_s=steal / _TICKS,
+            ours_s=ours,
+            per_pid_s=per_pid,
+        )
+
+
+def measure(
+    wrk: str,
+    target: Target,
+    pids: Sequence[int],
+    *,
+    duration: float,
+    connections: int,
+    threads: int,
+) -> WrkRun:
+    """One wrk run plus the CPU accounting around it."""
+    before, started = CpuSample.take(pids), time.monotonic()
+    run = run_wrk(wrk, target, duration=duration, connections=connections, threads=threads)
+    after, wall = CpuSample.take(pids), time.monotonic() - started
+    server_s = after.per_pid_s[target.server_pid] - before.per_pid_s[target.server_pid]
+    run.server_cpu_us = server_s / max(run.requests, 1) * 1e6
+    other = (after.busy_s - before.busy_s) - (after.ours_s - before.ours_s)
+    run.other_load = max(other, 0.0) / wall
+    run.steal = (after.steal_s - before.steal_s) / wall
+    return run
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -297,7 +405,12 @@ def machine_info(python: str, wrk: str) -> dict[str, Any]:
         "'uvloop': v('uvloop'), 'structlog': v('structlog'), 'yarl': v('yarl'), "
         "'multidict': v('multidict')}))"
     )
-    versions = json.loads(_command_output([python, "-c", probe]))
+    answer = _command_output([python, "-c", probe])
+    try:
+        versions = json.loads(answer)
+    except ValueError:
+        last = answer.splitlines()[-1:] or ["(no output)"]
+        raise BenchError(f"{python} cannot run the proxies ({last[0]}); use the venv") from None
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model,
@@ -331,6 +444,14 @@ class Summary:
         return statistics.median(r.latency_us[key] for r in self.runs) / 1000
 
     @property
+    def cpu_us(self) -> float:
+        return statistics.median(r.server_cpu_us for r in self.runs)
+
+    @property
+    def disturbance(self) -> float:
+        return max(r.disturbance for r in self.runs)
+
+    @property
     def errors(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for run in self.runs:
@@ -348,14 +469,21 @@ class Summary:
             "p50_ms_median": round(self.latency_ms("p50"), 3),
             "p90_ms_median": round(self.latency_ms("p90"), 3),
             "p99_ms_median": round(self.latency_ms("p99"), 3),
+            "server_cpu_us_per_request_median": round(self.cpu_us, 1),
+            "max_other_load_cores": round(self.disturbance, 2),
             "errors": self.errors,
             "runs": [
                 {
                     "rps": round(r.rps, 1),
                     "requests": r.requests,
                     "duration_s": round(r.duration_s, 3),
+                    "response_bytes": round(r.response_bytes),
                     "latency_us": r.latency_us,
                     "errors": r.errors,
+                    "server_cpu_us_per_request": round(r.server_cpu_us, 1),
+                    "other_load_cores": round(r.other_load, 2),
+                    "steal_cores": round(r.steal, 2),
+                    "attempts": r.attempts,
                 }
                 for r in self.runs
             ],
@@ -363,14 +491,29 @@ class Summary:
 
 
 def ratios(summaries: dict[str, Summary]) -> dict[str, float]:
+    """Throughput ratios, and CPU-per-request ratios of the proxies (the noise-robust view)."""
     a, b, c, d = (summaries[k].rps for k in "ABCD")
+    cpu_b, cpu_c, cpu_d = (summaries[k].cpu_us for k in "BCD")
     return {
         "m2m_host_vs_minimal": c / b,
         "m2m_forward_vs_minimal": d / b,
         "minimal_vs_direct": b / a,
         "m2m_host_vs_direct": c / a,
         "m2m_forward_vs_direct": d / a,
+        "cpu_per_request_m2m_host_vs_minimal": cpu_c / cpu_b,
+        "cpu_per_request_m2m_forward_vs_minimal": cpu_d / cpu_b,
     }
+
+
+def per_round(summaries: dict[str, Summary], key: str, base: str) -> list[float]:
+    """req/s of ``key`` over req/s of ``base`` in each round: the two ran back to back, so
+    slow drifts of a shared machine mostly cancel out; the spread shows the noise."""
+    pairs = zip(summaries[key].runs, summaries[base].runs, strict=True)
+    return [run.rps / base_run.rps for run, base_run in pairs]
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 def _errors_text(errors: dict[str, int]) -> str:
@@ -380,29 +523,34 @@ def _errors_text(errors: dict[str, int]) -> str:
 
 def render_tables(summaries: dict[str, Summary], ratio: dict[str, float]) -> str:
     lines = [
-        "| target | req/s (median) | req/s (min-max) | p50 ms | p99 ms | non-2xx / socket errors |",
-        "|---|---:|---:|---:|---:|---|",
+        "| target | req/s median | req/s min-max | p50 ms | p99 ms | server CPU us/req "
+        "| other load | non-2xx, socket errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, s in summaries.items():
         lo = min(r.rps for r in s.runs)
         hi = max(r.rps for r in s.runs)
         lines.append(
             f"| {key} {s.target.name} | {s.rps:,.0f} | {lo:,.0f}-{hi:,.0f} "
-            f"| {s.latency_ms('p50'):.2f} | {s.latency_ms('p99'):.2f} "
-            f"| {_errors_text(s.errors)} |"
+            f"| {s.latency_ms('p50'):.2f} | {s.latency_ms('p99'):.2f} | {s.cpu_us:.0f} "
+            f"| {s.disturbance:.2f} | {_errors_text(s.errors)} |"
         )
     b_p50 = summaries["B"].latency_ms("p50")
     lines += [
         "",
-        "| throughput ratio | vs B minimal proxy | vs A direct | p50 added vs B |",
-        "|---|---:|---:|---:|",
-        f"| B minimal | 1.00x | {ratio['minimal_vs_direct']:.2f}x | - |",
+        "| ratio of medians (per-round min-max) | req/s vs B minimal | req/s vs A direct "
+        "| CPU/req vs B | p50 vs B |",
+        "|---|---:|---:|---:|---:|",
+        f"| B minimal | 1.00x | {ratio['minimal_vs_direct']:.2f}x "
+        f"({_spread(per_round(summaries, 'B', 'A'))}) | 1.00x | - |",
     ]
-    for key, name in (("C", "host"), ("D", "forward")):
+    for key, mode in (("C", "host"), ("D", "forward")):
         p50 = summaries[key].latency_ms("p50") - b_p50
         lines.append(
-            f"| {key} {summaries[key].target.name} | {ratio[f'm2m_{name}_vs_minimal']:.2f}x "
-            f"| {ratio[f'm2m_{name}_vs_direct']:.2f}x | {p50:+.2f} ms |"
+            f"| {key} {summaries[key].target.name} | {ratio[f'm2m_{mode}_vs_minimal']:.2f}x "
+            f"({_spread(per_round(summaries, key, 'B'))}) "
+            f"| {ratio[f'm2m_{mode}_vs_direct']:.2f}x ({_spread(per_round(summaries, key, 'A'))}) "
+            f"| {ratio[f'cpu_per_request_m2m_{mode}_vs_minimal']:.2f}x | {p50:+.2f} ms |"
         )
     worst = min(ratio["m2m_host_vs_minimal"], ratio["m2m_forward_vs_minimal"])
     verdict = "meets" if worst >= TARGET_RATIO else "is BELOW"
@@ -431,7 +579,9 @@ def render_docs_section(report: dict[str, Any], tables: str) -> str:
             f"structlog {m['structlog']}; Node {m['node']}; {m['wrk']}",
             f"- Load: `wrk -t{s['threads']} -c{s['connections']} -d{s['duration_s']:g}s "
             f"--latency`, GET {PATH}, {s['reps']} rounds of A B C D after "
-            f"{s['warmup_s']:g} s of warm-up each; medians over the rounds",
+            f"{s['warmup_s']:g} s of warm-up each; medians over the rounds; a run during which "
+            f"other processes used more than {s['max_other_load_cores']:g} cores was measured "
+            f"again ({s['retries']} such repeats at most per benchmark)",
             "",
             tables,
             "",
@@ -448,6 +598,16 @@ def write_docs(section: str) -> None:
     DOCS.write_text(text[:start] + section + text[end + len(DOCS_END) :], encoding="utf-8")
 
 
+def _run_line(label: str, target: Target, run: WrkRun) -> str:
+    errors = f"  ERRORS: {_errors_text(run.errors)}" if run.error_total else ""
+    return (
+        f"bench: {label} {target.key} {target.name:<12}{run.rps:>9,.0f} req/s"
+        f"  p50 {run.latency_us['p50'] / 1000:6.2f} ms  p99 {run.latency_us['p99'] / 1000:6.2f} ms"
+        f"  server CPU {run.server_cpu_us:4.0f} us/req  other load {run.disturbance:.2f} cores"
+        f"{errors}"
+    )
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -460,6 +620,9 @@ class Settings:
     warmup: float
     python: str
     write_docs: bool
+    retries: int = 4
+    max_other_load: float = 0.25
+    hold: bool = False
 
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -471,6 +634,8 @@ def _children_stopped() -> Iterator[ExitStack]:
     """An ExitStack that closes with SIGINT/SIGTERM ignored, so a second Ctrl-C cannot
     abandon children half-stopped; SIGTERM to us unwinds like Ctrl-C."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Also when started in the background, where the shell made us ignore SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with ExitStack() as stack:
             try:
@@ -483,9 +648,34 @@ def _children_stopped() -> Iterator[ExitStack]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def bench(settings: Settings) -> int:
-    wrk = ensure_wrk()
-    machine = machine_info(settings.python, wrk)
+@dataclass(slots=True)
+class Rig:
+    """Everything a benchmark talks to, started and checked; see :func:`rig`."""
+
+    stack: DevStack
+    token: str
+    m2m: subprocess.Popen[bytes]
+    minimal: subprocess.Popen[bytes]
+    logs: dict[str, Path]
+    targets: list[Target]
+    pids: list[int]  # every long-running process of the benchmark, for CPU accounting
+
+    def stderr_of(self, name: str) -> str:
+        return self.logs[name].read_text(encoding="utf-8", errors="replace")[-3000:]
+
+    def check_alive(self) -> None:
+        problem = self.stack.failed()
+        for name, proc in (("m2m-proxy", self.m2m), ("minimal proxy", self.minimal)):
+            if problem is None and proc.poll() is not None:
+                problem = f"{name} exited ({proc.returncode}):\n{self.stderr_of(name)}"
+        if problem is not None:
+            raise BenchError(problem)
+
+
+@contextmanager
+def rig(python: str) -> Iterator[Rig]:
+    """Start the dev stack, m2m-proxy and the minimal proxy; check one request per target
+    (which also makes m2m-proxy fetch and cache its token); stop them all on exit."""
     with _children_stopped() as cleanup:
         tmp = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="m2m-bench-")))
         print("bench: starting the dev IdP and demo API ...", flush=True)
@@ -499,37 +689,27 @@ def bench(settings: Settings) -> int:
         config.write_text(routes_yaml(stack, proxy_port, admin_port), encoding="utf-8")
         env = {**os.environ, "BENCH_CLIENT_SECRET": stack.dev_client_secret}
         env.pop("BENCH_TOKEN", None)
-        m2m_log = tmp / "m2m-proxy.stderr"
+        logs = {"m2m-proxy": tmp / "m2m-proxy.stderr", "minimal proxy": tmp / "minimal.stderr"}
         m2m = start_process(
-            [settings.python, "-m", "m2m_proxy", "run", "--config", str(config)], env, m2m_log
+            [python, "-m", "m2m_proxy", "run", "--config", str(config)], env, logs["m2m-proxy"]
         )
         cleanup.callback(terminate, m2m)
-        min_log = tmp / "minimal.stderr"
         minimal = start_process(
             [
-                settings.python,
+                python,
                 str(BENCH / "minimal_proxy.py"),
                 "--listen",
                 f"127.0.0.1:{minimal_port}",
                 stack.api_url,
             ],
             {**env, "BENCH_TOKEN": token},
-            min_log,
+            logs["minimal proxy"],
         )
         cleanup.callback(terminate, minimal)
-
-        def stderr_of(log: Path) -> str:
-            return log.read_text(encoding="utf-8", errors="replace")[-3000:]
-
-        try:
-            wait_proxy_ready(m2m, f"http://127.0.0.1:{admin_port}/readyz", READY_TIMEOUT_S)
-        except DevStackError as err:
-            raise BenchError(f"m2m-proxy: {err}\n{stderr_of(m2m_log)}") from err
-        try:
-            wait_minimal_ready(minimal, f"http://127.0.0.1:{minimal_port}{PATH}", API_HOST)
-        except BenchError as err:
-            raise BenchError(f"{err}\n{stderr_of(min_log)}") from err
-
+        pids = descendants(os.getpid())
+        api_pid = next((pid for pid in pids if "demo-api.js" in cmdline(pid)), None)
+        if api_pid is None:
+            raise BenchError("cannot find the demo API's process among ours")
         forward_url = f"http://{API_HOST}{PATH}"
         report_lua = BENCH / "report.lua"
         targets = [
@@ -539,6 +719,7 @@ def bench(settings: Settings) -> int:
                 "the demo API itself (Node), valid Authorization header",
                 f"{stack.api_url}{PATH}",
                 report_lua,
+                api_pid,
                 headers=(f"Authorization: Bearer {token}",),
             ),
             Target(
@@ -547,6 +728,7 @@ def bench(settings: Settings) -> int:
                 "bench/minimal_proxy.py: aiohttp, fixed Bearer header, reverse mode",
                 f"http://127.0.0.1:{minimal_port}{PATH}",
                 report_lua,
+                minimal.pid,
                 headers=(f"Host: {API_HOST}",),
             ),
             Target(
@@ -555,6 +737,7 @@ def bench(settings: Settings) -> int:
                 "m2m-proxy, origin-form GET /hello routed by Host: api.demo.local",
                 f"http://127.0.0.1:{proxy_port}{PATH}",
                 report_lua,
+                m2m.pid,
                 headers=(f"Host: {API_HOST}",),
             ),
             Target(
@@ -563,48 +746,106 @@ def bench(settings: Settings) -> int:
                 "m2m-proxy, absolute-form GET http://api.demo.local/hello (HTTP_PROXY clients)",
                 f"http://127.0.0.1:{proxy_port}/",
                 BENCH / "forward.lua",
+                m2m.pid,
                 env=(("BENCH_FORWARD_URL", forward_url),),
             ),
         ]
+        the_rig = Rig(stack, token, m2m, minimal, logs, targets, pids)
+
+        try:
+            wait_proxy_ready(m2m, f"http://127.0.0.1:{admin_port}/readyz", READY_TIMEOUT_S)
+        except DevStackError as err:
+            raise BenchError(f"m2m-proxy: {err}\n{the_rig.stderr_of('m2m-proxy')}") from err
+        try:
+            wait_minimal_ready(minimal, targets[1].url, API_HOST)
+        except BenchError as err:
+            raise BenchError(f"{err}\n{the_rig.stderr_of('minimal proxy')}") from err
         # One request each, as wrk will send it: 200 from the demo API, one token, our client.
-        # This also makes m2m-proxy fetch and cache its token before any timing starts.
         check_target("A direct", targets[0].url, {"Authorization": f"Bearer {token}"})
         check_target("B minimal", targets[1].url, {"Host": API_HOST})
         check_target("C m2m-host", targets[2].url, {"Host": API_HOST})
         check_target("D m2m-forward", forward_url, {}, proxy=f"http://127.0.0.1:{proxy_port}")
+        yield the_rig
 
-        def alive() -> None:
-            problem = stack.failed()
-            if problem is None and m2m.poll() is not None:
-                problem = f"m2m-proxy exited ({m2m.returncode}):\n{stderr_of(m2m_log)}"
-            if problem is None and minimal.poll() is not None:
-                problem = f"minimal proxy exited ({minimal.returncode}):\n{stderr_of(min_log)}"
-            if problem is not None:
-                raise BenchError(problem)
 
+def wrk_command(wrk: str, target: Target, settings: Settings) -> str:
+    """The wrk command line for one target, for --hold (the token shortened)."""
+    argv = [wrk, f"-t{settings.threads}", f"-c{settings.connections}", "-d10s", "--latency"]
+    argv += ["-s", str(target.script.relative_to(ROOT))]
+    for header in target.headers:
+        if header.startswith("Authorization"):
+            argv += ["-H", '"Authorization: Bearer $T"']
+        else:
+            argv += ["-H", f"'{header}'"]
+    env = " ".join(f"{k}={v}" for k, v in target.env)
+    return f"{env + ' ' if env else ''}{' '.join(argv)} {target.url}"
+
+
+def hold(settings: Settings) -> int:
+    """Start everything, print how to load and profile it, wait for Ctrl-C."""
+    wrk = ensure_wrk()
+    with rig(settings.python) as r:
+        print(f"\nbench: ready. m2m-proxy pid {r.m2m.pid}, minimal proxy pid {r.minimal.pid}")
+        print(f"  export T={r.token}")
+        for target in r.targets:
+            print(f"  {target.key} {target.name:<12} {wrk_command(wrk, target, settings)}")
+        print(f"  profile: py-spy record -o profile.svg -d 10 -p {r.m2m.pid}  (during a wrk run)")
+        print("Ctrl-C stops everything.", flush=True)
+        while True:
+            time.sleep(0.5)
+            r.check_alive()
+
+
+def bench(settings: Settings) -> int:
+    wrk = ensure_wrk()
+    machine = machine_info(settings.python, wrk)
+    with rig(settings.python) as r:
         load = {"connections": settings.connections, "threads": settings.threads}
         if settings.warmup > 0:
             print(f"bench: warming up each target for {settings.warmup:g} s ...", flush=True)
-            for target in targets:
+            for target in r.targets:
                 run_wrk(wrk, target, duration=settings.warmup, **load)
-                alive()
-        summaries = {t.key: Summary(t) for t in targets}
-        for rep in range(1, settings.reps + 1):
-            for target in targets:
-                result = run_wrk(wrk, target, duration=settings.duration, **load)
-                alive()
+                r.check_alive()
+        summaries = {t.key: Summary(t) for t in r.targets}
+        retries_left = settings.retries  # for the whole run, so it ends in bounded time
+        for rnd in range(1, settings.reps + 1):
+            for target in r.targets:
+                attempt = 1
+                while True:
+                    result = measure(wrk, target, r.pids, duration=settings.duration, **load)
+                    r.check_alive()
+                    result.attempts = attempt
+                    line = _run_line(f"round {rnd}/{settings.reps}", target, result)
+                    if result.disturbance <= settings.max_other_load or retries_left == 0:
+                        break
+                    print(f"{line}  (disturbed: measuring again)", flush=True)
+                    retries_left -= 1
+                    attempt += 1
+                print(line, flush=True)
                 summaries[target.key].runs.append(result)
-                errors = f"  errors: {_errors_text(result.errors)}" if result.error_total else ""
-                print(
-                    f"bench: round {rep}/{settings.reps} {target.key} {target.name:<12}"
-                    f"{result.rps:>9,.0f} req/s  p50 {result.latency_us['p50'] / 1000:6.2f} ms"
-                    f"  p99 {result.latency_us['p99'] / 1000:6.2f} ms{errors}",
-                    flush=True,
-                )
-        token_requests = len(stack.token_requests())
-        api_stats = stack.api_stats()
-        m2m_stderr = stderr_of(m2m_log).strip()
+        token_requests = len(r.stack.token_requests())
+        api_stats = r.stack.api_stats()
+        m2m_stderr = r.stderr_of("m2m-proxy").strip()
+    return finish(
+        settings,
+        machine=machine,
+        summaries=summaries,
+        token_requests=token_requests,
+        api_stats=api_stats,
+        m2m_stderr=m2m_stderr,
+    )
 
+
+def finish(
+    settings: Settings,
+    *,
+    machine: dict[str, Any],
+    summaries: dict[str, Summary],
+    token_requests: int,
+    api_stats: dict[str, Any],
+    m2m_stderr: str,
+) -> int:
+    """Print and store the results; the exit code says whether the run was clean."""
     ratio = ratios(summaries)
     tables = render_tables(summaries, ratio)
     report: dict[str, Any] = {
@@ -617,10 +858,16 @@ def bench(settings: Settings) -> int:
             "connections": settings.connections,
             "threads": settings.threads,
             "warmup_s": settings.warmup,
+            "retries": settings.retries,
+            "max_other_load_cores": settings.max_other_load,
             "path": PATH,
         },
         "targets": {key: s.as_json() for key, s in summaries.items()},
         "ratios": {k: round(v, 3) for k, v in ratio.items()},
+        "ratios_per_round": {
+            f"{key}_vs_{base}": [round(x, 3) for x in per_round(summaries, key, base)]
+            for key, base in (("C", "B"), ("D", "B"), ("B", "A"), ("C", "A"), ("D", "A"))
+        },
         "target_ratio": TARGET_RATIO,
         # 1 by this script (for A and B) + 1 by m2m-proxy if its cache works.
         "idp_token_requests": token_requests,
@@ -635,6 +882,17 @@ def bench(settings: Settings) -> int:
     print(f"demo API: {report['demo_api_stats']}")
     if m2m_stderr:
         print(f"m2m-proxy stderr:\n{m2m_stderr}")
+    disturbed = [
+        f"{s.target.key} ({s.disturbance:.2f} cores)"
+        for s in summaries.values()
+        if s.disturbance > settings.max_other_load
+    ]
+    if disturbed:
+        print(
+            "bench: WARNING: other processes used CPU during some runs (no repeats left): "
+            f"{', '.join(disturbed)}; treat those figures with care, or run again on a quiet "
+            "machine"
+        )
     print(f"results: {RESULTS_JSON.relative_to(ROOT)}")
     if settings.write_docs:
         write_docs(render_docs_section(report, tables))
@@ -644,12 +902,15 @@ def bench(settings: Settings) -> int:
         f"{s.target.key} {s.target.name}" for s in summaries.values() if any(s.errors.values())
     ]
     rejected = api_stats.get("rejected_401", 0) + api_stats.get("rejected_403", 0)
-    if failures or rejected:
-        print(
-            f"bench: FAILED: non-2xx or socket errors for {', '.join(failures) or '-'}; "
-            f"demo API rejections: {rejected}",
-            file=sys.stderr,
-        )
+    problems = []
+    if failures:
+        problems.append(f"non-2xx or socket errors for {', '.join(failures)}")
+    if rejected:
+        problems.append(f"the demo API rejected {rejected} requests")
+    if token_requests != 2:
+        problems.append(f"the IdP saw {token_requests} token requests, expected 2")
+    if problems:
+        print(f"bench: FAILED: {'; '.join(problems)}", file=sys.stderr)
         return 1
     return 0
 
@@ -668,9 +929,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk -c (32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (1)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds per target (3)")
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.25,
+        help="a run during which other processes (and hypervisor steal) used more cores than "
+        "this is measured again (0.25)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=4, help="repeats of disturbed runs, per benchmark (4)"
+    )
     parser.add_argument("--python", default=_default_python(), help="interpreter of the proxies")
     parser.add_argument(
         "--write-docs", action="store_true", help="regenerate the results in docs/benchmarks.md"
+    )
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="start everything, print wrk and py-spy commands, wait for Ctrl-C (profiling)",
     )
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.reps < 1 or args.connections < args.threads or args.threads < 1:
@@ -683,9 +959,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         python=args.python,
         write_docs=args.write_docs,
+        retries=max(args.retries, 0),
+        max_other_load=args.max_other_load,
+        hold=args.hold,
     )
     try:
-        return bench(settings)
+        return hold(settings) if settings.hold else bench(settings)
     except KeyboardInterrupt:
         print("\nbench: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
