@@ -21,7 +21,7 @@ from m2m_proxy.errors import TokenError, TokenRejectedError
 from m2m_proxy.forward import Forwarder
 from m2m_proxy.frontdoor import FrontDoor
 from m2m_proxy.handler import ProxyHandler
-from m2m_proxy.logs import Logger
+from m2m_proxy.logs import Logs
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.client import TokenClient
@@ -35,7 +35,7 @@ class Runtime:
     """What the running app holds; filled by the cleanup_ctx steps in order."""
 
     config: Config
-    log: Logger
+    logs: Logs
     readiness: Readiness
     upstream_session: aiohttp.ClientSession | None = None
     tokens: TokenCache | None = None
@@ -46,10 +46,10 @@ class Runtime:
 RUNTIME = web.AppKey("runtime", Runtime)
 
 
-def build_app(config: Config, log: Logger) -> web.Application:
+def build_app(config: Config, logs: Logs) -> web.Application:
     """The admin Application whose startup brings the whole proxy up."""
     app = web.Application()
-    runtime = Runtime(config=config, log=log, readiness=Readiness(LISTENING))
+    runtime = Runtime(config=config, logs=logs, readiness=Readiness(LISTENING))
     app[RUNTIME] = runtime
     app.add_routes(admin_routes(runtime.readiness))
     app.cleanup_ctx.append(_upstream_session)
@@ -89,7 +89,7 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         timeout_s=settings.token_timeout_s,
         retries=settings.token_retries,
     )
-    log = rt.log
+    log = rt.logs.events
 
     def fetched(key: CredentialKey, token: Token) -> None:
         log.info(
@@ -134,9 +134,13 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         raise RuntimeError("the proxy listener needs the session and token cache started first")
     settings = rt.config.proxy
     forwarder = Forwarder(rt.upstream_session, rt.tokens, via=settings.name)
-    handler = ProxyHandler(RouteTable(rt.config.routes), forwarder, settings, rt.log)
+    handler = ProxyHandler(RouteTable(rt.config.routes), forwarder, settings, rt.logs.access)
     server = FrontDoor(
-        handler, proxy_name=settings.name, log=rt.log, access_log=None, handler_cancellation=True
+        handler,
+        proxy_name=settings.name,
+        log=rt.logs.events,
+        access_log=None,
+        handler_cancellation=True,
     )
     runner = web.ServerRunner(
         server, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s
@@ -147,7 +151,7 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     rt.proxy_runner = runner
     rt.proxy_port = _bound_port(runner)
     rt.readiness.satisfy(LISTENING)
-    rt.log.info(
+    rt.logs.events.info(
         "proxy_started",
         listen=f"{settings.listen.host}:{rt.proxy_port}",
         routes=len(rt.config.routes),
@@ -169,10 +173,10 @@ def _bound_port(runner: web.BaseRunner) -> int:
 class ProxyServer:
     """The proxy and admin listeners as one startable, stoppable unit."""
 
-    def __init__(self, config: Config, log: Logger) -> None:
+    def __init__(self, config: Config, logs: Logs) -> None:
         self._config = config
-        self._log = log
-        self._app = build_app(config, log)
+        self._log = logs.events
+        self._app = build_app(config, logs)
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         self.admin_port: int | None = None
 
@@ -218,7 +222,7 @@ class ProxyServer:
         await self.stop()
 
 
-async def serve(config: Config, log: Logger, stop: asyncio.Event) -> None:
+async def serve(config: Config, logs: Logs, stop: asyncio.Event) -> None:
     """Run the proxy and admin listeners until ``stop`` is set, then shut down."""
-    async with ProxyServer(config, log):
+    async with ProxyServer(config, logs):
         await stop.wait()

@@ -7,6 +7,7 @@ so that ``api.x`` and ``api.x:443`` are the same https destination.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -42,8 +43,13 @@ def _ipv6(text: str) -> str:
         raise AuthorityError(f"'{text}' is not a valid IPv6 address") from None
 
 
+@functools.lru_cache(maxsize=4096)
 def split_authority(authority: str, *, allow_zero: bool = False) -> tuple[str, int | None]:
-    """'Host:8080' → ('host', 8080); '[::1]' → ('::1', None). Host is normalised."""
+    """'Host:8080' → ('host', 8080); '[::1]' → ('::1', None). Host is normalised.
+
+    Memoised (bounded): the same few authorities arrive on every request, and the
+    validation regex is the costliest step of parsing a target.
+    """
     if authority.startswith("["):
         end = authority.find("]")
         if end < 0:

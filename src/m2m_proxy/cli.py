@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from m2m_proxy.app import serve
 from m2m_proxy.config import Config, ConfigError, load_config
-from m2m_proxy.logs import bridge_library_logs, make_logger
+from m2m_proxy.logs import bridge_library_logs, make_logs
 
 EXIT_CONFIG = 2
 
@@ -66,7 +66,8 @@ def _run(path: str) -> int:
     if config is None:
         return EXIT_CONFIG
     secrets = [c.client_secret.value for c in config.clients.values()]
-    log = make_logger(config.proxy.log_level, secrets=secrets)
+    logs = make_logs(config.proxy.log_level, secrets=secrets)
+    log = logs.events
     bridge_library_logs(log, config.proxy.log_level)
 
     async def run() -> None:
@@ -74,7 +75,7 @@ def _run(path: str) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, log, stop)
+        await serve(config, logs, stop)
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

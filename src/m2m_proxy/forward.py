@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -96,6 +96,9 @@ class Forwarder:
         self._session = session
         self._tokens = tokens
         self._via = via
+        self._via_by_version = {
+            v: f"{v.major}.{v.minor} {via}" for v in (HttpVersion10, HttpVersion11)
+        }
 
     async def forward(
         self,
@@ -108,7 +111,9 @@ class Forwarder:
         exchange: Exchange,
     ) -> web.StreamResponse:
         """Send upstream (with a token when ``key`` is set), replay once on 401, stream back."""
-        via = f"{request.version.major}.{request.version.minor} {self._via}"
+        via = self._via_by_version.get(request.version)
+        if via is None:
+            via = f"{request.version.major}.{request.version.minor} {self._via}"
         token = await self._token(key, exchange) if key is not None else None
         resp = await self._send(request, url=url, host=host, token=token, body=body, via=via)
         if resp.status == 401 and key is not None and token is not None:

@@ -21,7 +21,7 @@ from m2m_proxy.errors import (
     render_problem,
 )
 from m2m_proxy.forward import Body, Exchange, Forwarder
-from m2m_proxy.logs import Logger
+from m2m_proxy.logs import AccessLog
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.target import Target, parse_target
 
@@ -34,13 +34,13 @@ class ProxyHandler:
         routes: RouteTable,
         forwarder: Forwarder,
         settings: ProxySettings,
-        log: Logger,
+        access_log: AccessLog,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._routes = routes
         self._forwarder = forwarder
         self._settings = settings
-        self._log = log
+        self._access_log = access_log
         self._clock = clock
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -75,8 +75,7 @@ class ProxyHandler:
         except ProxyError as exc:
             error = exc.code
             response = self._problem(exc)
-        self._log.info(
-            "request_completed",
+        self._access_log.completed(
             route=route.name if route is not None else "-",
             method=request.method,
             status=response.status,

@@ -10,10 +10,13 @@ exception text dropped: only the message template and exception type remain.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
@@ -95,6 +98,74 @@ def make_logger(
         cache_logger_on_first_use=True,
     )
     return logger
+
+
+class AccessLog:
+    """The ``request_completed`` line, on the hot path: one JSON encode and one write.
+
+    structlog's processor chain costs about as much as the rest of the proxy's own
+    per-request work, so this one event skips it. Every field is a value the proxy
+    produced (a configured route name, a method aiohttp validated as an HTTP token,
+    numbers and outcome labels), so there is nothing to redact. On a TTY, or when
+    ``info`` is filtered out, it defers to (or skips like) the structlog logger.
+    """
+
+    __slots__ = ("_enabled", "_encode", "_fallback", "_second", "_stamp", "_stream")
+
+    def __init__(
+        self, fallback: Logger, *, level: str, stream: TextIO | None, json_output: bool | None
+    ) -> None:
+        out = stream if stream is not None else sys.stdout
+        self._enabled = logging.getLevelName(level.upper()) <= logging.INFO
+        self._stream: TextIO | None = (
+            out if (json_output if json_output is not None else not out.isatty()) else None
+        )
+        self._fallback = fallback
+        self._encode = json.JSONEncoder(separators=(", ", ": ")).encode
+        self._second = -1
+        self._stamp = ""
+
+    def completed(self, **fields: Any) -> None:
+        """Emit one request_completed line with ``fields`` (our own values only)."""
+        if not self._enabled:
+            return
+        if self._stream is None:
+            self._fallback.info("request_completed", **fields)
+            return
+        fields["event"] = "request_completed"
+        fields["level"] = "info"
+        fields["timestamp"] = self._timestamp()
+        self._stream.write(self._encode(fields) + "\n")
+        self._stream.flush()
+
+    def _timestamp(self) -> str:
+        """ISO 8601 UTC with microseconds; the date part is formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1_000_000):06d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Logs:
+    """The proxy's two log outlets: structured events and the per-request access line."""
+
+    events: Logger
+    access: AccessLog
+
+
+def make_logs(
+    level: str = "info",
+    *,
+    stream: TextIO | None = None,
+    json_output: bool | None = None,
+    secrets: Iterable[str] = (),
+) -> Logs:
+    events = make_logger(level, stream=stream, json_output=json_output, secrets=secrets)
+    access = AccessLog(events, level=level, stream=stream, json_output=json_output)
+    return Logs(events, access)
 
 
 class _AiohttpBridge(logging.Handler):

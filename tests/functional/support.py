@@ -22,7 +22,7 @@ from aiohttp import web
 
 from m2m_proxy.app import ProxyServer
 from m2m_proxy.config import parse_config
-from m2m_proxy.logs import make_logger
+from m2m_proxy.logs import make_logs
 
 # Planted in every functional config; test_no_leaks greps responses and logs for them.
 SENTINEL_SECRET = "sentinel-secret-4f1d0c9e"
@@ -58,8 +58,7 @@ async def running_proxy(
     env = {"SENTINEL_SECRET": SENTINEL_SECRET, **(environ or {})}
     config = parse_config(text, "test-routes.yaml", env)
     logs = io.StringIO()
-    log = make_logger("debug", stream=logs, json_output=True)
-    server = ProxyServer(config, log)
+    server = ProxyServer(config, make_logs("debug", stream=logs, json_output=True))
     await server.start()
     try:
         yield RunningProxy(server, logs)
