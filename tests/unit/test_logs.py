@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from m2m_proxy.logs import REDACTED, Redactor, bridge_library_logs, make_logger
+from m2m_proxy.logs import REDACTED, Redactor, bridge_library_logs, make_logger, make_logs
 
 SECRET = "sentinel-secret-5d2e"
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcmRlcnMifQ.c2ln"
@@ -154,3 +154,47 @@ def test_library_logs_are_bridged_without_their_arguments(aiohttp_logger: loggin
     assert event["logger"] == "aiohttp.server"
     assert event["message"] == "Error handling request %s"
     assert TOKEN not in lines[0]
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_access_log_writes_one_json_line_with_the_fields_in_order() -> None:
+    stream = io.StringIO()
+    logs = make_logs("info", stream=stream, json_output=True)
+    logs.access.completed(route="api", method="GET", status=200, duration_ms=1.5, error=None)
+    [line] = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert list(event) == [
+        "route",
+        "method",
+        "status",
+        "duration_ms",
+        "error",
+        "event",
+        "level",
+        "timestamp",
+    ]
+    assert event["event"] == "request_completed"
+    assert event["level"] == "info"
+    assert event["status"] == 200
+    assert event["error"] is None
+    assert len(event["timestamp"]) == len("2026-01-01T00:00:00.000000Z")
+    assert event["timestamp"].endswith("Z")
+
+
+def test_access_log_is_silent_above_info() -> None:
+    stream = io.StringIO()
+    make_logs("warning", stream=stream, json_output=True).access.completed(route="api")
+    assert stream.getvalue() == ""
+
+
+def test_access_log_on_a_tty_uses_the_console_renderer() -> None:
+    stream = _Tty()
+    make_logs("info", stream=stream).access.completed(route="api", status=204)
+    text = stream.getvalue()
+    assert "request_completed" in text
+    assert not text.lstrip().startswith("{")
+    assert "status=204" in text
