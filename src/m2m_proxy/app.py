@@ -212,6 +212,7 @@ class ProxyServer:
         self._log.info("shutdown_started", grace_s=self._config.proxy.shutdown_grace_s)
         self.runtime.readiness.withdraw("shutting_down")
         await self._runner.cleanup()
+        self.runtime.logs.access.flush()
         self._log.info("shutdown_completed")
 
     async def __aenter__(self) -> ProxyServer:

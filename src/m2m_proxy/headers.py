@@ -13,26 +13,26 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+# Lower-case names: header names arrive in any case, so every test lower-cases first.
 HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Proxy-Authorization",
-        "Proxy-Authenticate",
-    )
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
 )
+# Expect: the proxy answers 100-continue itself and has the body (or its start) in hand.
+_UPSTREAM_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_UPSTREAM_DROP_WITH_TOKEN = _UPSTREAM_DROP | {"authorization"}
 _AUTHORIZATION = istr("Authorization")
 _HOST = istr("Host")
-_CONTENT_LENGTH = istr("Content-Length")
 _VIA = istr("Via")
-# Expect: the proxy answers 100-continue itself and has the body (or its start) in hand.
-_UPSTREAM_DROP = HOP_BY_HOP | {_HOST, _CONTENT_LENGTH, istr("Expect")}
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -52,11 +52,12 @@ def upstream_request_headers(
     passthrough): then the client's own Authorization passes through untouched.
     """
     named = _connection_named(incoming) if "Connection" in incoming else frozenset()
-    drop = _UPSTREAM_DROP if authorization is None else _UPSTREAM_DROP | {_AUTHORIZATION}
+    drop = _UPSTREAM_DROP if authorization is None else _UPSTREAM_DROP_WITH_TOKEN
     out: CIMultiDict[str] = CIMultiDict()
     out[_HOST] = host
     for name, value in incoming.items():
-        if name in drop or name[:6].lower() == "proxy-" or (named and name.lower() in named):
+        lname = name.lower()
+        if lname in drop or lname.startswith("proxy-") or lname in named:
             continue
         out.add(name, value)
     if authorization is not None:
@@ -70,10 +71,11 @@ def downstream_response_headers(incoming: CIMultiDictProxy[str], *, via: str) ->
     named = _connection_named(incoming) if "Connection" in incoming else frozenset()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
+        lname = name.lower()
         if (
-            name in HOP_BY_HOP
-            or name[:6].lower() == "proxy-"
-            or (named and name.lower() in named and name not in (_CONTENT_LENGTH,))
+            lname in HOP_BY_HOP
+            or lname.startswith("proxy-")
+            or (lname in named and lname != "content-length")
         ):
             continue
         out.add(name, value)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from m2m_proxy.headers import downstream_response_headers, upstream_request_headers
@@ -153,3 +156,25 @@ def test_input_headers_are_not_modified() -> None:
         ("X-Hop", "1"),
         ("Authorization", "Basic a"),
     ]
+
+
+@pytest.mark.parametrize("case", [str.lower, str.upper])
+def test_hop_by_hop_rules_ignore_the_case_of_names_both_ways(
+    case: Callable[[str], str],
+) -> None:
+    pairs = [(case(name), value) for name, value in HOP_BY_HOP]
+    assert list(up(*pairs, ("X-Keep", "1")).keys()) == ["Host", "X-Keep", "Authorization", "Via"]
+    assert list(down(*pairs, ("X-Keep", "1")).keys()) == ["X-Keep", "Via"]
+
+
+def test_lower_case_host_authorization_and_length_from_the_client_are_replaced() -> None:
+    out = up(
+        ("host", "evil.example"),
+        ("authorization", "Bearer client"),
+        ("content-length", "5"),
+        ("expect", "100-continue"),
+    )
+    assert out.getall("Host") == ["api.example.com"]
+    assert out.getall("Authorization") == [TOKEN]
+    assert "Content-Length" not in out
+    assert "Expect" not in out
