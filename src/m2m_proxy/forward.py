@@ -64,7 +64,7 @@ class Body:
         read is sent first and the rest streams, so nothing the client sent is lost.
         """
         if not request.body_exists:
-            return cls(None, None, None)
+            return NO_BODY
         length = request.content_length
         content = request.content
         if length is not None and length > limit:
@@ -82,6 +82,10 @@ class Body:
 
     def payload(self) -> bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None:
         return self.data if self.stream is None else self.stream
+
+
+NO_BODY = Body(None, None, None)
+"""The body of every request without one (shared: a Body is never mutated)."""
 
 
 async def _chain(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:

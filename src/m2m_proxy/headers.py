@@ -11,6 +11,8 @@ Expect is not forwarded: the proxy's server side has already answered 100-contin
 
 from __future__ import annotations
 
+import functools
+
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 # Lower-case names: header names arrive in any case, so every test lower-cases first.
@@ -38,9 +40,15 @@ _VIA = istr("Via")
 def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Lower-cased field names listed in Connection headers."""
     values = headers.getall("Connection", ())
-    return frozenset(
-        name.strip().lower() for value in values for name in value.split(",") if name.strip()
-    )
+    if len(values) == 1:
+        return _names_in(values[0])
+    return frozenset().union(*(_names_in(value) for value in values))
+
+
+@functools.lru_cache(maxsize=256)
+def _names_in(value: str) -> frozenset[str]:
+    """'keep-alive, X-Foo' → {'keep-alive', 'x-foo'}; memoised: a handful of values recur."""
+    return frozenset(name.strip().lower() for name in value.split(",") if name.strip())
 
 
 def upstream_request_headers(
