@@ -31,6 +31,8 @@ from m2m_proxy.tokens.model import CredentialKey, Token
 class Exchange:
     """What happened to one request, for the access log and metrics."""
 
+    started: float
+    route: str = "-"
     token: str = "none"  # none | hit | miss
     replayed: str = "no"  # no | recovered | still_401 | not_replayable
     upstream_status: int = 0

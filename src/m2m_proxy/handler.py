@@ -7,6 +7,7 @@ one ``request_completed`` log line. Knows nothing about sockets or the IdP.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -24,6 +25,9 @@ from m2m_proxy.forward import Body, Exchange, Forwarder
 from m2m_proxy.logs import AccessLog
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.target import Target, parse_target
+
+CLIENT_CLOSED = 499
+"""Status logged when the client closed the connection before the response was done."""
 
 
 class ProxyHandler:
@@ -44,10 +48,7 @@ class ProxyHandler:
         self._clock = clock
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = self._clock()
-        exchange = Exchange()
-        route: RouteConfig | None = None
-        error = ""
+        exchange = Exchange(started=self._clock())
         try:
             if request.method == "CONNECT":
                 raise NotSupportedError(
@@ -56,7 +57,9 @@ class ProxyHandler:
                 )
             target = parse_target(request.raw_path, request.headers.get("Host"))
             route = self._routes.match(target)
-            if route is None and self._settings.unmatched is Unmatched.DENY:
+            if route is not None:
+                exchange.route = route.name
+            elif self._settings.unmatched is Unmatched.DENY:
                 raise RouteDeniedError(
                     f"no route matches host '{target.host}'; add a route for it or set "
                     "proxy.unmatched: passthrough"
@@ -71,20 +74,27 @@ class ProxyHandler:
                 body=body,
                 exchange=exchange,
             )
-            error = exchange.error
         except ProxyError as exc:
-            error = exc.code
+            exchange.error = exc.code
             response = self._problem(exc)
+        except (asyncio.CancelledError, ConnectionError):
+            # The client went away mid-request; logged with nginx's 499 convention.
+            exchange.error = "client_closed"
+            self._log_completed(request, exchange, CLIENT_CLOSED)
+            raise
+        self._log_completed(request, exchange, response.status)
+        return response
+
+    def _log_completed(self, request: web.BaseRequest, exchange: Exchange, status: int) -> None:
         self._access_log.completed(
-            route=route.name if route is not None else "-",
+            route=exchange.route,
             method=request.method,
-            status=response.status,
-            duration_ms=round((self._clock() - started) * 1000, 2),
+            status=status,
+            duration_ms=round((self._clock() - exchange.started) * 1000, 2),
             token_cache=exchange.token,
             retried=exchange.replayed,
-            error=error or None,
+            error=exchange.error or None,
         )
-        return response
 
     def _upstream_of(self, target: Target, route: RouteConfig | None) -> tuple[URL, str]:
         """The upstream URL and Host header; a route's ``upstream`` rewrites the origin.

@@ -81,6 +81,13 @@ async def _echo(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204)
     if path == "/slow":
         await asyncio.sleep(3)
+    if path == "/drip":
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(50):
+            await resp.write(b"x" * 1024)
+            await asyncio.sleep(0.05)
+        return resp
     if path == "/break":
         resp = web.StreamResponse(headers={"Content-Length": "1000"})
         await resp.prepare(request)
@@ -277,3 +284,21 @@ async def test_upstream_unreachable_and_timeout_and_truncation() -> None:
                 assert truncated, "a broken upstream body must reach the client as truncated"
                 async with client.get("http://api.test/ok", proxy=proxy.url) as resp:
                     assert resp.status == 200
+
+
+async def test_a_client_that_hangs_up_is_logged_as_499_client_closed() -> None:
+    async with fake_server(_idp) as idp, fake_server(_echo) as api:
+        async with running_proxy(_routes(idp, api)) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+            writer.write(b"GET http://api.test/drip HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            await writer.drain()
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            writer.close()
+            for _ in range(100):
+                if proxy.log_events("request_completed"):
+                    break
+                await asyncio.sleep(0.02)
+            [event] = proxy.log_events("request_completed")
+    assert event["status"] == 499
+    assert event["error"] == "client_closed"
+    assert event["route"] == "api.test"
