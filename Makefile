@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 IDP    := deploy/dev-idp
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint typecheck unit functional bench check-example clean
+.PHONY: install system-deps run test lint typecheck unit functional bench bench-instructions check-example clean
 
 ## install: system tools, virtualenv with the project and dev tools, the dev IdP's npm packages
 install: system-deps $(STAMP) $(IDP)/node_modules/.package-lock.json
@@ -52,6 +52,12 @@ functional: install
 ## bench: throughput and latency against the upstream directly and a minimal aiohttp proxy
 bench: install
 	$(PY) bench/run.py
+
+## bench-instructions: instructions per request of each proxy, counted by callgrind (deterministic, ~3 min)
+bench-instructions: install
+	@command -v valgrind >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; }
+	$(PY) bench/run.py --instructions
 
 check-example: install
 	$(VENV)/bin/m2m-proxy check --config routes.example.yaml
