@@ -90,10 +90,10 @@ class ProxyHandler:
             route=exchange.route,
             method=request.method,
             status=status,
-            duration_ms=round((self._clock() - exchange.started) * 1000, 2),
+            duration_s=self._clock() - exchange.started,
             token_cache=exchange.token,
             retried=exchange.replayed,
-            error=exchange.error or None,
+            error=exchange.error,
         )
 
     def _upstream_of(self, target: Target, route: RouteConfig | None) -> tuple[URL, str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -161,10 +163,20 @@ class _Tty(io.StringIO):
         return True
 
 
+FIELDS: dict[str, Any] = {
+    "route": 'api "v1"',
+    "method": "GET",
+    "status": 200,
+    "duration_s": 0.0015,
+    "token_cache": "hit",
+    "retried": "no",
+    "error": "",
+}
+
+
 def test_access_log_writes_one_json_line_with_the_fields_in_order() -> None:
     stream = io.StringIO()
-    logs = make_logs("info", stream=stream, json_output=True)
-    logs.access.completed(route="api", method="GET", status=200, duration_ms=1.5, error=None)
+    make_logs("info", stream=stream, json_output=True).access.completed(**FIELDS)
     [line] = stream.getvalue().splitlines()
     event = json.loads(line)
     assert list(event) == [
@@ -172,28 +184,48 @@ def test_access_log_writes_one_json_line_with_the_fields_in_order() -> None:
         "method",
         "status",
         "duration_ms",
+        "token_cache",
+        "retried",
         "error",
         "event",
         "level",
         "timestamp",
     ]
-    assert event["event"] == "request_completed"
-    assert event["level"] == "info"
+    assert event["route"] == 'api "v1"'  # quotes in a configured name stay valid JSON
     assert event["status"] == 200
+    assert event["duration_ms"] == 1.5
     assert event["error"] is None
-    assert len(event["timestamp"]) == len("2026-01-01T00:00:00.000000Z")
-    assert event["timestamp"].endswith("Z")
+    assert (event["event"], event["level"]) == ("request_completed", "info")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", event["timestamp"])
+
+
+def test_access_log_reports_an_error_code() -> None:
+    stream = io.StringIO()
+    make_logs("info", stream=stream, json_output=True).access.completed(
+        **{**FIELDS, "status": 499, "error": "client_closed"}
+    )
+    assert json.loads(stream.getvalue())["error"] == "client_closed"
+
+
+async def test_access_log_lines_of_one_loop_iteration_are_written_together() -> None:
+    stream = io.StringIO()
+    access = make_logs("info", stream=stream, json_output=True).access
+    access.completed(**FIELDS)
+    access.completed(**FIELDS)
+    assert stream.getvalue() == ""  # not yet: written at the end of this iteration
+    await asyncio.sleep(0)
+    assert len(stream.getvalue().splitlines()) == 2
 
 
 def test_access_log_is_silent_above_info() -> None:
     stream = io.StringIO()
-    make_logs("warning", stream=stream, json_output=True).access.completed(route="api")
+    make_logs("warning", stream=stream, json_output=True).access.completed(**FIELDS)
     assert stream.getvalue() == ""
 
 
 def test_access_log_on_a_tty_uses_the_console_renderer() -> None:
     stream = _Tty()
-    make_logs("info", stream=stream).access.completed(route="api", status=204)
+    make_logs("info", stream=stream).access.completed(**{**FIELDS, "status": 204})
     text = stream.getvalue()
     assert "request_completed" in text
     assert not text.lstrip().startswith("{")
