@@ -21,7 +21,7 @@ from m2m_proxy.errors import (
     RouteDeniedError,
     render_problem,
 )
-from m2m_proxy.forward import Body, Exchange, Forwarder
+from m2m_proxy.forward import NO_BODY, Body, Exchange, Forwarder
 from m2m_proxy.logs import AccessLog
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.target import Target, parse_target
@@ -65,7 +65,11 @@ class ProxyHandler:
                     "proxy.unmatched: passthrough"
                 )
             url, host = self._upstream_of(target, route)
-            body = await Body.read(request, self._settings.replay_body_limit_bytes)
+            body = (
+                await Body.read(request, self._settings.replay_body_limit_bytes)
+                if request.body_exists
+                else NO_BODY
+            )
             response = await self._forwarder.forward(
                 request,
                 url=url,
