@@ -813,3 +813,9 @@ def test_listen_given_as_a_port_string_binds_loopback() -> None:
     text = "proxy:\n  listen: '${PORT}'\n" + CLIENTS
     config = load(text, environ={**ENV, "PORT": "18080"})
     assert (config.proxy.listen.host, config.proxy.listen.port) == ("127.0.0.1", 18080)
+
+
+def test_an_unknown_key_in_a_route_does_not_hide_its_unknown_client() -> None:
+    found = problems(with_route("host: api.example.com\nclient: ordrs\nscopes: read\n"))
+    assert [p.split(": ", 2)[1] for p in found] == ["routes[0].client", "routes[0].scopes"]
+    assert "did you mean 'orders'?" in found[0]

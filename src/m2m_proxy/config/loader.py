@@ -155,6 +155,9 @@ class _Checker:
         sections = [
             self.validate(RouteSection, item, ("routes", i)) for i, item in enumerate(route_data)
         ]
+        for index, (route_section, item) in enumerate(zip(sections, route_data, strict=True)):
+            if route_section is None:
+                self._check_raw_route(index, item, set(client_data))
         routes = self._routes(sections, set(client_data))
         if proxy is None:
             return None
@@ -231,6 +234,17 @@ class _Checker:
             self._read_secret_file((*base, "client_secret_file"), item["client_secret_file"])
         if isinstance(item.get("token_params"), dict):
             self._token_params((*base, "token_params"), item["token_params"])
+
+    def _check_raw_route(self, index: int, item: Any, clients: set[str]) -> None:
+        """A route that failed validation still gets its client and host checked."""
+        if not isinstance(item, dict):
+            return
+        base: Path = ("routes", index)
+        client = item.get("client")
+        if isinstance(client, str) and client not in clients:
+            self.problem((*base, "client"), _unknown_client_message(client, clients))
+        if isinstance(item.get("host"), str):
+            self._host_pattern((*base, "host"), item["host"])
 
     def _check_token_url(self, path: Path, url: str) -> None:
         try:
