@@ -9,7 +9,7 @@ our client), ``--dump``; the dump's ``summary:`` line is the proxy's user-space 
 (Ir) for those N requests, in all its threads. Instruction counts do not depend on how busy the
 machine is, which throughput and CPU time on a shared VM do.
 
-This module knows nothing about the dev stack: run.py starts the processes and calls
+This module knows nothing about the dev stack: callgrind_run.py starts the processes and calls
 :func:`measure_process`.
 """
 
@@ -312,91 +312,3 @@ def measure_process(
     idle_dump = grind.dump("idle")
     grind.instrument(False)
     return ProcessResult(measured, total_ir(idle_dump), plan.idle_s, idle_dump)
-
-
-# -- where the instructions go -----------------------------------------------------------------
-
-# "  1,234,567 (12.34%)  file:function'2 [object]" in callgrind_annotate's function list.
-_ANNOTATE_LINE = re.compile(
-    r"^\s*(?P<ir>[\d,]+)\s+\(\s*[\d.]+%\)\s+(?P<file>[^:]*):(?P<function>.+?)"
-    r"(?:'(?P<depth>\d+))?(?: \[(?P<object>[^\]]*)\])?\s*$"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class FunctionCost:
-    ir: int
-    function: str
-    obj: str  # basename of the shared object or executable; "" when callgrind_annotate omits it
-
-    @property
-    def label(self) -> str:
-        return f"{self.function} [{self.obj}]" if self.obj else self.function
-
-
-def short_object(path: str) -> str:
-    """``uvloop/loop.so`` for .../site-packages/uvloop/loop.cpython-311-x86_64-linux-gnu.so,
-    ``_json.so`` for the standard library's, ``libpython3.11.so.1.0`` for the interpreter."""
-    where = Path(path)
-    name = re.sub(r"\.cpython-[^.]+", "", where.name)
-    return f"{where.parent.name}/{name}" if "site-packages" in where.parts else name
-
-
-def annotate(dump: Path, *, inclusive: bool) -> list[FunctionCost]:
-    """Every function of a dump with its Ir, largest first: self cost (``inclusive`` False) or
-    including callees.
-
-    callgrind_annotate lists a function once per source file its code came from (inlined
-    header code separately, without the object) and once per recursion depth (``f'2``).
-    Self costs are summed over all of these. Inclusive costs are taken from the outermost
-    entry only (deeper ones re-count the same instructions), the largest per function."""
-    argv = [
-        "callgrind_annotate",
-        f"--inclusive={'yes' if inclusive else 'no'}",
-        "--threshold=100",
-        "--show-percs=yes",
-        "--auto=no",
-        str(dump),
-    ]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    if result.returncode != 0:
-        raise InstructionsError(f"{' '.join(argv)} failed:\n{result.stderr}")
-    irs: dict[str, int] = {}
-    objects: dict[str, str] = {}
-    for line in result.stdout.splitlines():
-        match = _ANNOTATE_LINE.match(line)
-        if match is None or "PROGRAM TOTALS" in line:
-            continue
-        function, ir = match["function"], int(match["ir"].replace(",", ""))
-        if match["object"]:
-            objects.setdefault(function, short_object(match["object"]))
-        if not inclusive:
-            irs[function] = irs.get(function, 0) + ir
-        elif match["depth"] is None:
-            irs[function] = max(irs.get(function, 0), ir)
-    costs = [FunctionCost(ir, name, objects.get(name, "")) for name, ir in irs.items()]
-    return sorted(costs, key=lambda cost: -cost.ir)
-
-
-_RECURSION = re.compile(r"'\d+$")
-
-
-def call_edges(dump: Path) -> dict[tuple[str, str], int]:
-    """(caller, callee) -> Ir spent in the callee on behalf of the caller, recursion depth
-    suffixes (``'2``) dropped; read from the dump (written with --compress-strings=no)."""
-    edges: dict[tuple[str, str], int] = {}
-    caller = callee = ""
-    cost_line_next = False
-    with dump.open(encoding="utf-8", errors="replace") as lines:
-        for line in lines:
-            if cost_line_next:
-                cost_line_next = False
-                key = (caller, callee)
-                edges[key] = edges.get(key, 0) + int(line.split()[1])
-            elif line.startswith("fn="):
-                caller = _RECURSION.sub("", line[3:].strip())
-            elif line.startswith("cfn="):
-                callee = _RECURSION.sub("", line[4:].strip())
-            elif line.startswith("calls="):
-                cost_line_next = True
-    return edges

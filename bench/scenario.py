@@ -1,0 +1,27 @@
+"""The fixed scenario every bench mode measures: where things are, the demo client and route
+m2m-proxy serves, and :class:`BenchError`.
+
+Plain constants, no I/O: every other bench module imports them from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+API_HOST = "api.demo.local"
+RESOURCE = "http://api.demo.local"
+CLIENT_ID = "demo-basic"
+SCOPE = "read"
+PATH = "/hello"
+FORWARD_URL = f"http://{API_HOST}{PATH}"  # the absolute-form target of D m2m-forward
+# Long enough that no token expires during a run: all targets then use one token each, and
+# the minimal proxy's fixed header stays valid however long --duration/--reps make the run.
+TOKEN_TTL_S = 3600
+READY_TIMEOUT_S = 30.0
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run; the message says why."""
