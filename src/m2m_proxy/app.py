@@ -120,6 +120,7 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         skew_s=settings.token_skew_s,
         default_lifetime_s=settings.token_default_lifetime_s,
         failure_hold_s=settings.token_failure_hold_s,
+        failure_hold_max_s=settings.token_failure_hold_max_s,
         on_fetched=fetched,
         on_failed=failed,
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Self
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 _SF_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+.^_`|~:/-]*")  # RFC 8941 sf-token
@@ -44,6 +45,14 @@ class ProxyError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.retry_after_s = retry_after_s
+
+    def with_retry_after(self, seconds: float) -> Self:
+        """A copy of this error telling the client when to retry."""
+        clone = type(self).__new__(type(self))  # no __init__: subclasses take other arguments
+        clone.__dict__.update(self.__dict__)
+        clone.args = self.args
+        clone.retry_after_s = seconds
+        return clone
 
 
 class BadRequestError(ProxyError):

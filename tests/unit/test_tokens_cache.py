@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 
 from m2m_proxy.config import CredentialSpec
-from m2m_proxy.errors import TokenError, TokenTimeoutError, TokenUnavailableError
+from m2m_proxy.errors import (
+    TokenError,
+    TokenRejectedError,
+    TokenTimeoutError,
+    TokenUnavailableError,
+)
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.model import CredentialKey, Token, TokenGrant
 
@@ -94,6 +99,7 @@ async def cache(clock: Clock, fetch: FakeFetch, recorder: Recorder) -> TokenCach
         skew_s=60.0,
         default_lifetime_s=300.0,
         failure_hold_s=5.0,
+        jitter=lambda: 0.0,
         on_fetched=recorder.on_fetched,
         on_failed=recorder.on_failed,
     )
@@ -189,12 +195,12 @@ async def test_a_fetch_whose_only_waiter_left_still_fills_the_cache(
     assert len(fetch.calls) == 1
 
 
-async def test_peek_returns_none_from_renew_at_on(cache: TokenCache, clock: Clock) -> None:
+async def test_peek_returns_none_from_refresh_at_on(cache: TokenCache, clock: Clock) -> None:
     token = await cache.obtain(KEY)
-    assert token.renew_at == 1000.0 + 300.0 - 60.0
-    clock.now = token.renew_at - 0.001
+    assert token.refresh_at == 1000.0 + 0.8 * 300.0  # 80 % of the lifetime, no jitter
+    clock.now = token.refresh_at - 0.001
     assert cache.peek(KEY) is token
-    clock.now = token.renew_at
+    clock.now = token.refresh_at
     assert cache.peek(KEY) is None
     clock.now = token.expires_at + 1
     assert cache.peek(KEY) is None
@@ -282,7 +288,8 @@ async def test_a_failed_fetch_reaches_every_waiter_and_calls_on_failed(
     await settle()
     fetch.gate.set()
     results = await waiters
-    assert all(r is error for r in results)
+    assert all(isinstance(r, TokenUnavailableError) and r.detail == "idp down" for r in results)
+    assert {r.retry_after_s for r in results if isinstance(r, TokenUnavailableError)} == {5.0}
     assert len(fetch.calls) == 1
     assert recorder.failed == [(KEY, error)]
     assert recorder.fetched == []
@@ -375,3 +382,59 @@ async def test_close_cancels_an_in_flight_fetch(cache: TokenCache, fetch: FakeFe
     assert fetch.cancelled == 1
     with pytest.raises(asyncio.CancelledError):
         await waiter
+
+
+async def test_past_refresh_at_the_token_is_served_while_one_background_fetch_replaces_it(
+    cache: TokenCache, fetch: FakeFetch, clock: Clock
+) -> None:
+    old = await cache.obtain(KEY)
+    clock.now = old.refresh_at + 1
+    fetch.gate.clear()  # the refresh hangs: the requests must not wait for it
+    served = await asyncio.wait_for(
+        asyncio.gather(*(cache.obtain(KEY) for _ in range(20))), timeout=1.0
+    )
+    assert all(token is old for token in served)
+    assert len(fetch.calls) == 2  # the first fetch and exactly one refresh
+    fetch.gate.set()
+    await settle()
+    new = cache.peek(KEY)
+    assert new is not None and new is not old
+    assert new.obtained_at == old.refresh_at + 1
+
+
+async def test_failures_in_a_row_back_off_exponentially_up_to_the_cap(
+    cache: TokenCache, fetch: FakeFetch, clock: Clock
+) -> None:
+    holds = []
+    for _ in range(5):
+        fetch.outcomes = [TokenUnavailableError("idp down")]
+        with pytest.raises(TokenUnavailableError) as info:
+            await cache.obtain(KEY)
+        assert info.value.retry_after_s is not None
+        holds.append(info.value.retry_after_s)
+        clock.now += info.value.retry_after_s
+    assert holds == [5.0, 10.0, 20.0, 30.0, 30.0]
+    assert len(fetch.calls) == 5
+    await cache.obtain(KEY)  # a success resets the backoff
+    fetch.outcomes = [TokenUnavailableError("idp down")]
+    cache.invalidate(KEY, cache.peek(KEY))  # type: ignore[arg-type]
+    with pytest.raises(TokenUnavailableError) as info:
+        await cache.obtain(KEY)
+    assert info.value.retry_after_s == 5.0
+
+
+async def test_an_idp_retry_after_and_a_rejection_hold_longer(
+    cache: TokenCache, fetch: FakeFetch, clock: Clock
+) -> None:
+    fetch.outcomes = [TokenUnavailableError("busy", retry_after_s=60.0)]
+    with pytest.raises(TokenUnavailableError) as info:
+        await cache.obtain(KEY)
+    assert info.value.retry_after_s == 60.0
+    fetch.outcomes = [TokenRejectedError("bad client", oauth_error="invalid_client")]
+    with pytest.raises(TokenRejectedError) as rejected:
+        await cache.obtain(OTHER)
+    assert rejected.value.retry_after_s == 30.0
+    clock.now += 29.0
+    with pytest.raises(TokenRejectedError):
+        await cache.obtain(OTHER)
+    assert len(fetch.calls) == 2  # held: no new request to the IdP

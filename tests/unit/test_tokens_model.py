@@ -82,3 +82,19 @@ def test_renew_at_is_never_after_expiry_or_before_obtained(sent_at: float) -> No
     for lifetime in (0.5, 1.0, 59.0, 3600.0):
         t = token(lifetime, sent_at=sent_at)
         assert t.obtained_at < t.renew_at <= t.expires_at
+
+
+@pytest.mark.parametrize(("jitter", "fraction"), [(-1.0, 0.72), (0.0, 0.8), (1.0, 0.88)])
+def test_refresh_at_is_80_percent_of_the_lifetime_jittered_by_10_percent(
+    jitter: float, fraction: float
+) -> None:
+    grant = TokenGrant(access_token="t", expires_in_s=3600.0)
+    token = make_token(grant, sent_at=100.0, skew_s=60.0, default_lifetime_s=300.0, jitter=jitter)
+    assert token.refresh_at == pytest.approx(100.0 + fraction * 3600.0)
+
+
+def test_refresh_at_is_never_later_than_renew_at() -> None:
+    grant = TokenGrant(access_token="t", expires_in_s=100.0)  # skew 60 > 20 % of 100
+    token = make_token(grant, sent_at=0.0, skew_s=60.0, default_lifetime_s=300.0, jitter=1.0)
+    assert token.renew_at == 50.0  # min(skew, lifetime / 2)
+    assert token.refresh_at == 50.0

@@ -191,6 +191,7 @@ class _Checker:
             token_timeout_s=section.token_timeout_s,
             token_retries=section.token_retries,
             token_failure_hold_s=section.token_failure_hold_s,
+            token_failure_hold_max_s=section.token_failure_hold_max_s,
             log_level=section.log_level,
             shutdown_grace_s=section.shutdown_grace_s,
         )

@@ -76,6 +76,7 @@ class ProxySettings:
     token_timeout_s: float
     token_retries: int
     token_failure_hold_s: float
+    token_failure_hold_max_s: float
     log_level: str
     shutdown_grace_s: float
 

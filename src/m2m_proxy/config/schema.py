@@ -51,7 +51,11 @@ class ProxySection(_Section):
     token_failure_hold_s: float = Field(
         1.0,
         ge=0,
-        description="After a failed token fetch, requests fail fast for this long.",
+        description="After a failed token fetch, no new fetch for this long; doubles with "
+        "each failure in a row (jittered), up to token_failure_hold_max_s.",
+    )
+    token_failure_hold_max_s: float = Field(
+        30.0, ge=0, description="Longest wait between token fetches while the IdP fails."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: float = Field(

@@ -11,14 +11,31 @@ away never cancels it for the others.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from m2m_proxy.errors import TokenError
+from m2m_proxy.errors import TokenError, TokenRejectedError
 from m2m_proxy.tasks import TaskSet
 from m2m_proxy.tokens.model import CredentialKey, Token, TokenGrant, make_token
 
 Fetch = Callable[[CredentialKey], Awaitable[TokenGrant]]
 Clock = Callable[[], float]
+
+REJECTION_HOLD_S = 30.0
+"""An IdP rejection (invalid_client, invalid_scope, ...) is a configuration error:
+asking again at once would get the same answer."""
+
+
+def _uniform_jitter() -> float:
+    return random.uniform(-1.0, 1.0)  # noqa: S311 - spreading timers, not cryptography
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    until: float
+    error: TokenError
+    attempts: int
 
 
 class TokenCache:
@@ -30,6 +47,8 @@ class TokenCache:
         skew_s: float,
         default_lifetime_s: float,
         failure_hold_s: float,
+        failure_hold_max_s: float = 30.0,
+        jitter: Callable[[], float] = _uniform_jitter,
         on_fetched: Callable[[CredentialKey, Token], None] | None = None,
         on_failed: Callable[[CredentialKey, TokenError], None] | None = None,
     ) -> None:
@@ -38,44 +57,54 @@ class TokenCache:
         self._skew_s = skew_s
         self._default_lifetime_s = default_lifetime_s
         self._failure_hold_s = failure_hold_s
+        self._failure_hold_max_s = max(failure_hold_s, failure_hold_max_s)
+        self._jitter = jitter
         self._on_fetched = on_fetched
         self._on_failed = on_failed
         self._tokens: dict[CredentialKey, Token] = {}
-        self._failures: dict[CredentialKey, tuple[float, TokenError]] = {}
+        self._failures: dict[CredentialKey, _Failure] = {}
         self._inflight: dict[CredentialKey, asyncio.Task[Token]] = {}
         self._tasks = TaskSet()
 
     def peek(self, key: CredentialKey) -> Token | None:
-        """The cached token if it is still fresh; never waits."""
+        """The cached token if no refresh is due yet; never waits."""
         token = self._tokens.get(key)
-        if token is not None and self._clock() < token.renew_at:
+        if token is not None and self._clock() < token.refresh_at:
             return token
         return None
 
     async def obtain(self, key: CredentialKey) -> Token:
         """A usable token: cached, or from the one shared fetch for ``key``.
 
-        Past ``renew_at`` but before ``expires_at`` the cached token is returned at
-        once while the refresh runs in the background, so a slow or down IdP never
-        delays a request that still holds a valid token. Only with no valid token
-        does the caller wait; it then gets the fetch's TokenError. After a failure,
-        callers within ``failure_hold_s`` get the same error without a new IdP call.
+        Past ``refresh_at`` but before ``expires_at`` the cached token is returned at
+        once while one refresh runs in the background, so requests never wait on the
+        IdP while a valid token exists. Only with no valid token does the caller
+        wait; it then gets the fetch's TokenError. After a failure, no new fetch
+        starts until the hold ends (exponential backoff with jitter, honouring the
+        IdP's Retry-After); callers with no valid token get the error at once, with
+        a Retry-After for the rest of the hold.
         """
         token = self._tokens.get(key)
         now = self._clock()
-        if token is not None and now < token.renew_at:
+        if token is not None and now < token.refresh_at:
             return token
         task = self._inflight.get(key)
         failure = self._failures.get(key)
-        if task is None and (failure is None or now >= failure[0]):
+        if task is None and (failure is None or now >= failure.until):
             task = self._tasks.start(self._refresh(key), name="token-fetch")
             self._inflight[key] = task
         if token is not None and now < token.expires_at:
             return token
         if task is None and failure is not None:
-            raise failure[1]
+            raise failure.error.with_retry_after(failure.until - now)
         assert task is not None  # noqa: S101 - started above unless a failure is held
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except TokenError as exc:
+            failure = self._failures.get(key)
+            if failure is None or failure.error is not exc:
+                raise
+            raise exc.with_retry_after(failure.until - self._clock()) from None
 
     def invalidate(self, key: CredentialKey, used: Token) -> bool:
         """Drop the cached token only if it is still ``used``; True if dropped.
@@ -99,17 +128,35 @@ class TokenCache:
         try:
             grant = await self._fetch(key)
         except TokenError as exc:
-            self._failures[key] = (self._clock() + self._failure_hold_s, exc)
+            previous = self._failures.get(key)
+            attempts = previous.attempts + 1 if previous is not None else 1
+            hold = self._hold_for(exc, attempts)
+            self._failures[key] = _Failure(self._clock() + hold, exc, attempts)
             if self._on_failed is not None:
                 self._on_failed(key, exc)
             raise
         finally:
             self._inflight.pop(key, None)
         token = make_token(
-            grant, sent_at=sent_at, skew_s=self._skew_s, default_lifetime_s=self._default_lifetime_s
+            grant,
+            sent_at=sent_at,
+            skew_s=self._skew_s,
+            default_lifetime_s=self._default_lifetime_s,
+            jitter=self._jitter(),
         )
         self._tokens[key] = token
         self._failures.pop(key, None)
         if self._on_fetched is not None:
             self._on_fetched(key, token)
         return token
+
+    def _hold_for(self, exc: TokenError, attempts: int) -> float:
+        """Backoff after the ``attempts``-th failure in a row: base x 2^(n-1), capped,
+        ±20 % jitter; at least the IdP's Retry-After; a rejection holds 30 s."""
+        hold = min(self._failure_hold_s * 2.0 ** (attempts - 1), self._failure_hold_max_s)
+        hold *= 1 + 0.2 * self._jitter()
+        if isinstance(exc, TokenRejectedError):
+            hold = max(hold, REJECTION_HOLD_S)
+        if exc.retry_after_s is not None:
+            hold = max(hold, min(exc.retry_after_s, 300.0))
+        return hold

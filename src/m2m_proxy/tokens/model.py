@@ -1,8 +1,13 @@
 """Token values and their expiry math. Pure: times are plain floats from a clock.
 
-A token is served until ``renew_at = expires_at - min(skew, lifetime / 2)``, with
-``expires_at`` anchored at the moment the token request was *sent*, so time spent
-waiting for the IdP never makes us hold a token longer than the IdP meant.
+Three moments in a token's life, all anchored at the moment its request was *sent*
+(so time spent waiting for the IdP never makes us hold a token longer than meant):
+
+- ``refresh_at``: about 80 % of the lifetime (±10 % jitter, so that many proxies or
+  credentials do not refresh in lockstep), never later than ``renew_at``. From here
+  the next request starts a background refresh and keeps using this token.
+- ``renew_at = expires_at - min(skew, lifetime / 2)``: the latest refresh point.
+- ``expires_at``: the token is served until here if the IdP cannot replace it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from m2m_proxy.config import CredentialSpec
 
 CredentialKey = CredentialSpec
 """Tokens are cached per credential (client, scope, audience, resource, params)."""
+
+REFRESH_FRACTION = 0.8
+REFRESH_JITTER = 0.1
 
 MAX_LIFETIME_S = 24 * 3600.0
 """Longer ``expires_in`` values are clamped: no sane M2M token lives longer."""
@@ -35,6 +43,7 @@ class Token:
     obtained_at: float
     expires_at: float
     renew_at: float
+    refresh_at: float
 
     @property
     def lifetime_s(self) -> float:
@@ -45,15 +54,26 @@ class Token:
 
 
 def make_token(
-    grant: TokenGrant, *, sent_at: float, skew_s: float, default_lifetime_s: float
+    grant: TokenGrant,
+    *,
+    sent_at: float,
+    skew_s: float,
+    default_lifetime_s: float,
+    jitter: float = 0.0,
 ) -> Token:
-    """Build the cached token for ``grant`` requested at ``sent_at``."""
+    """Build the cached token for ``grant`` requested at ``sent_at``.
+
+    ``jitter`` in [-1, 1] moves ``refresh_at`` by up to ±10 % of its offset.
+    """
     lifetime = grant.expires_in_s if grant.expires_in_s is not None else default_lifetime_s
     lifetime = min(lifetime, MAX_LIFETIME_S)
     expires_at = sent_at + lifetime
+    renew_at = expires_at - min(skew_s, lifetime / 2)
+    ahead = lifetime * REFRESH_FRACTION * (1 + REFRESH_JITTER * max(-1.0, min(1.0, jitter)))
     return Token(
         authorization=f"Bearer {grant.access_token}",
         obtained_at=sent_at,
         expires_at=expires_at,
-        renew_at=expires_at - min(skew_s, lifetime / 2),
+        renew_at=renew_at,
+        refresh_at=min(renew_at, sent_at + ahead),
     )
