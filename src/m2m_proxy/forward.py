@@ -33,7 +33,7 @@ class Exchange:
 
     started: float
     route: str = "-"
-    token: str = "none"  # none | hit | miss
+    token: str = "none"  # none | hit | refresh_ahead | miss
     replayed: str = "no"  # no | recovered | still_401 | not_replayable
     upstream_status: int = 0
     error: str = ""  # set when the exchange failed after the response started
@@ -124,11 +124,15 @@ class Forwarder:
         if key is not None:
             # The hot path: a dict lookup and a clock compare, no coroutine.
             token = self._tokens.peek(key)
-            if token is None:
-                exchange.token = "miss"
-                token = await self._tokens.obtain(key)
-            else:
+            if token is not None:
                 exchange.token = "hit"
+            else:
+                token = self._tokens.current(key)  # starts a background refresh if due
+                if token is not None:
+                    exchange.token = "refresh_ahead"
+                else:
+                    exchange.token = "miss"
+                    token = await self._tokens.obtain(key)
         resp = await self._send(request, url=url, host=host, token=token, body=body, via=via)
         if resp.status == 401 and key is not None and token is not None:
             self._tokens.invalidate(key, token)

@@ -73,38 +73,59 @@ class TokenCache:
             return token
         return None
 
-    async def obtain(self, key: CredentialKey) -> Token:
-        """A usable token: cached, or from the one shared fetch for ``key``.
+    def current(self, key: CredentialKey) -> Token | None:
+        """A still-valid token, or None; never waits.
 
-        Past ``refresh_at`` but before ``expires_at`` the cached token is returned at
-        once while one refresh runs in the background, so requests never wait on the
-        IdP while a valid token exists. Only with no valid token does the caller
-        wait; it then gets the fetch's TokenError. After a failure, no new fetch
-        starts until the hold ends (exponential backoff with jitter, honouring the
-        IdP's Retry-After); callers with no valid token get the error at once, with
-        a Retry-After for the rest of the hold.
+        Past ``refresh_at`` (but before ``expires_at``) it starts one background
+        refresh and returns the cached token, so requests never wait on the IdP
+        while a valid token exists, and a slow or down IdP is invisible to them.
         """
         token = self._tokens.get(key)
+        if token is None:
+            return None
         now = self._clock()
-        if token is not None and now < token.refresh_at:
+        if now < token.refresh_at:
             return token
-        task = self._inflight.get(key)
-        failure = self._failures.get(key)
-        if task is None and (failure is None or now >= failure.until):
-            task = self._tasks.start(self._refresh(key), name="token-fetch")
-            self._inflight[key] = task
-        if token is not None and now < token.expires_at:
+        if now < token.expires_at:
+            self._start_fetch(key, now)
             return token
-        if task is None and failure is not None:
+        return None
+
+    async def obtain(self, key: CredentialKey) -> Token:
+        """A usable token: :meth:`current`, or the result of the one shared fetch.
+
+        Only with no valid token does the caller wait; it then gets the fetch's
+        TokenError. After a failure, no new fetch starts until the hold ends
+        (exponential backoff with jitter, honouring the IdP's Retry-After); callers
+        get the error at once, with a Retry-After for the rest of the hold.
+        """
+        token = self.current(key)
+        if token is not None:
+            return token
+        now = self._clock()
+        task = self._start_fetch(key, now)
+        if task is None:
+            failure = self._failures[key]
             raise failure.error.with_retry_after(failure.until - now)
-        assert task is not None  # noqa: S101 - started above unless a failure is held
         try:
             return await asyncio.shield(task)
         except TokenError as exc:
-            failure = self._failures.get(key)
-            if failure is None or failure.error is not exc:
+            held = self._failures.get(key)
+            if held is None or held.error is not exc:
                 raise
-            raise exc.with_retry_after(failure.until - self._clock()) from None
+            raise exc.with_retry_after(held.until - self._clock()) from None
+
+    def _start_fetch(self, key: CredentialKey, now: float) -> asyncio.Task[Token] | None:
+        """The fetch in flight for ``key``, a new one, or None while a failure is held."""
+        task = self._inflight.get(key)
+        if task is not None:
+            return task
+        failure = self._failures.get(key)
+        if failure is not None and now < failure.until:
+            return None
+        task = self._tasks.start(self._refresh(key), name="token-fetch")
+        self._inflight[key] = task
+        return task
 
     def invalidate(self, key: CredentialKey, used: Token) -> bool:
         """Drop the cached token only if it is still ``used``; True if dropped.
