@@ -25,6 +25,7 @@ from m2m_proxy.logs import Logs
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.client import TokenClient
+from m2m_proxy.tokens.discovery import Discovery
 from m2m_proxy.tokens.model import CredentialKey, Token
 
 LISTENING = "proxy_listener"
@@ -88,6 +89,7 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         rt.config.clients,
         timeout_s=settings.token_timeout_s,
         retries=settings.token_retries,
+        discovery=Discovery(idp_session),
     )
     log = rt.logs.events
 

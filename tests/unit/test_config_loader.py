@@ -820,3 +820,35 @@ def test_an_unknown_key_in_a_route_does_not_hide_its_unknown_client() -> None:
     found = problems(with_route("host: api.example.com\nclient: ordrs\nscopes: read\n"))
     assert [p.split(": ", 2)[1] for p in found] == ["routes[0].client", "routes[0].scopes"]
     assert "did you mean 'orders'?" in found[0]
+
+
+def test_issuer_replaces_token_url() -> None:
+    text = CLIENTS.replace(
+        "token_url: https://idp.example.com/oauth2/token", "issuer: https://idp.example.com/tenant"
+    )
+    client = load(text).clients["orders"]
+    assert (client.token_url, client.issuer) == (None, "https://idp.example.com/tenant")
+
+
+@pytest.mark.parametrize(
+    ("line", "where"),
+    [
+        ("", "4:5"),  # the client's mapping starts one line lower
+        ("token_url: https://idp.example.com/t\n    issuer: https://idp.example.com", "3:5"),
+    ],
+    ids=["neither", "both"],
+)
+def test_a_client_needs_exactly_one_of_token_url_and_issuer(line: str, where: str) -> None:
+    text = CLIENTS.replace("token_url: https://idp.example.com/oauth2/token\n", line + "\n")
+    assert problems(text) == [
+        f"routes.yaml:{where}: clients.orders: set exactly one of token_url or issuer "
+        "(the token endpoint is then discovered)"
+    ]
+
+
+def test_an_http_issuer_is_refused_off_loopback() -> None:
+    text = CLIENTS.replace(
+        "token_url: https://idp.example.com/oauth2/token", "issuer: http://idp.example.com"
+    )
+    [problem] = problems(text)
+    assert problem.startswith("routes.yaml:3:13: clients.orders.issuer: must be https")

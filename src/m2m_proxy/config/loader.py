@@ -210,7 +210,15 @@ class _Checker:
 
     def _client(self, name: str, section: ClientSection) -> ClientConfig | None:
         base: Path = ("clients", name)
-        self._check_token_url((*base, "token_url"), section.token_url)
+        if (section.token_url is None) == (section.issuer is None):
+            self.problem(
+                base,
+                "set exactly one of token_url or issuer (the token endpoint is then discovered)",
+            )
+        if section.token_url is not None:
+            self._check_token_url((*base, "token_url"), section.token_url)
+        if section.issuer is not None:
+            self._check_token_url((*base, "issuer"), section.issuer)
         secret = self._secret(base, section)
         params = self._token_params((*base, "token_params"), section.token_params)
         if secret is None:
@@ -222,6 +230,7 @@ class _Checker:
             client_secret=secret,
             auth_method=AuthMethod(section.auth_method),
             token_params=params,
+            issuer=section.issuer,
         )
 
     def _check_raw_client(self, name: str, item: Any) -> None:
@@ -229,8 +238,9 @@ class _Checker:
         if not isinstance(item, dict):
             return
         base: Path = ("clients", name)
-        if isinstance(item.get("token_url"), str):
-            self._check_token_url((*base, "token_url"), item["token_url"])
+        for field in ("token_url", "issuer"):
+            if isinstance(item.get(field), str):
+                self._check_token_url((*base, field), item[field])
         if isinstance(item.get("client_secret_file"), str):
             self._read_secret_file((*base, "client_secret_file"), item["client_secret_file"])
         if isinstance(item.get("token_params"), dict):

@@ -86,11 +86,13 @@ class ClientConfig:
     """One OAuth2 client (one identity) and how it authenticates to its token endpoint."""
 
     name: str
-    token_url: str
+    token_url: str | None
     client_id: str
     client_secret: Secret
     auth_method: AuthMethod
     token_params: tuple[tuple[str, str], ...] = ()
+    issuer: str | None = None
+    """Set instead of ``token_url``: the token endpoint comes from discovery."""
 
 
 @dataclass(frozen=True, slots=True)

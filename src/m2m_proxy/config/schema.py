@@ -64,7 +64,14 @@ class ProxySection(_Section):
 
 
 class ClientSection(_Section):
-    token_url: str = Field(description="The IdP's token endpoint (https, or http on loopback).")
+    token_url: str | None = Field(
+        None, description="The IdP's token endpoint (https, or http on loopback)."
+    )
+    issuer: str | None = Field(
+        None,
+        description="Instead of token_url: the IdP's issuer; the token endpoint is "
+        "discovered (OpenID Connect Discovery, then RFC 8414).",
+    )
     client_id: str = Field(min_length=1)
     client_secret: str | None = Field(None, description="The secret; use ${ENV} references.")
     client_secret_file: str | None = Field(None, description="A file holding the secret.")

@@ -27,6 +27,7 @@ from tenacity import (
 
 from m2m_proxy.config import AuthMethod, ClientConfig, CredentialSpec
 from m2m_proxy.errors import TokenResponseInvalidError, TokenTimeoutError, TokenUnavailableError
+from m2m_proxy.tokens.discovery import Discovery, DiscoveryUnavailableError
 from m2m_proxy.tokens.model import TokenGrant
 from m2m_proxy.tokens.response import MAX_BODY_BYTES, parse_success, rejection
 
@@ -53,8 +54,10 @@ class TokenClient:
         *,
         timeout_s: float,
         retries: int,
+        discovery: Discovery | None = None,
     ) -> None:
         self._session = session
+        self._discovery = discovery if discovery is not None else Discovery(session)
         self._clients = clients
         self._timeout_s = timeout_s
         self._retries = retries
@@ -91,14 +94,17 @@ class TokenClient:
         self, client: ClientConfig, form: dict[str, str], headers: dict[str, str]
     ) -> TokenGrant:
         try:
+            url = client.token_url or await self._discovery.token_endpoint(str(client.issuer))
             async with self._session.post(
-                client.token_url, data=form, headers=headers, allow_redirects=False
+                url, data=form, headers=headers, allow_redirects=False
             ) as resp:
                 body = await resp.content.read(MAX_BODY_BYTES + 1)
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
         except aiohttp.ClientError as exc:
             raise _TransientError(f"network error ({type(exc).__name__})") from None
+        except DiscoveryUnavailableError as exc:
+            raise _TransientError(f"discovery failed: {exc}") from None
         if status == 429 or status >= 500:
             raise _TransientError(f"HTTP {status}", retry_after)
         if len(body) > MAX_BODY_BYTES:
