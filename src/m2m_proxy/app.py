@@ -26,7 +26,7 @@ from m2m_proxy.routing import RouteTable
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.client import TokenClient
 from m2m_proxy.tokens.discovery import Discovery
-from m2m_proxy.tokens.model import CredentialKey, Token
+from m2m_proxy.tokens.model import CredentialKey, Token, TokenGrant
 
 LISTENING = "proxy_listener"
 
@@ -224,6 +224,24 @@ class ProxyServer:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.stop()
+
+
+async def fetch_token(config: Config, spec: CredentialKey) -> TokenGrant:
+    """One token request exactly as the running proxy would make it (``m2m-proxy token``)."""
+    settings = config.proxy
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=settings.token_timeout_s),
+        trust_env=False,
+    ) as session:
+        client = TokenClient(
+            session,
+            config.clients,
+            timeout_s=settings.token_timeout_s,
+            retries=settings.token_retries,
+            discovery=Discovery(session),
+        )
+        return await client.fetch(spec)
 
 
 async def serve(config: Config, logs: Logs, stop: asyncio.Event) -> None:

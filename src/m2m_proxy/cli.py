@@ -1,4 +1,4 @@
-"""Command line: ``m2m-proxy run|check --config FILE``. argv in, exit code out.
+"""Command line: ``m2m-proxy run|check|token --config FILE``. argv in, exit code out.
 
 Exit codes: 0 success, 2 invalid configuration or usage, 1 runtime failure.
 """
@@ -11,8 +11,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from m2m_proxy.app import serve
+from m2m_proxy.app import fetch_token, serve
 from m2m_proxy.config import Config, ConfigError, load_config
+from m2m_proxy.diagnose import describe_route, describe_token, resolve
+from m2m_proxy.errors import ProxyError, TokenError
 from m2m_proxy.logs import bridge_library_logs, make_logs
 
 EXIT_CONFIG = 2
@@ -23,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "token":
+        return _token(args.config, args.destination, show_token=args.show_token)
     return _run(args.config)
 
 
@@ -32,14 +36,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Forward proxy that adds OAuth2 client-credentials tokens to requests.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    subs = {}
     for name, text in (
         ("run", "run the proxy"),
         ("check", "validate a routes file; exit 0 if valid, 2 with every problem if not"),
+        (
+            "token",
+            "show the route and client for a destination and fetch its token as the "
+            "proxy would (the token itself only with --show-token)",
+        ),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument(
             "--config", "-c", required=True, metavar="FILE", help="the routes file (YAML)"
         )
+        subs[name] = sub
+    subs["token"].add_argument(
+        "destination", metavar="HOST[:PORT][/PATH]", help="or a full http(s):// URL"
+    )
+    subs["token"].add_argument("--show-token", action="store_true", help="print the token")
     return parser
 
 
@@ -58,6 +73,34 @@ def _check(path: str) -> int:
     if config is None:
         return EXIT_CONFIG
     print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
+    return 0
+
+
+def _token(path: str, destination: str, *, show_token: bool) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        target, route = resolve(config, destination)
+    except ProxyError as exc:
+        print(f"{destination}: {exc.detail}", file=sys.stderr)
+        return EXIT_CONFIG
+    if route is None:
+        print(
+            f"{destination}: no route matches host '{target.host}' "
+            f"(unmatched requests are: {config.proxy.unmatched.value})",
+            file=sys.stderr,
+        )
+        return 1
+    for line in describe_route(config, route):
+        print(line)
+    try:
+        grant = asyncio.run(fetch_token(config, route.credential))
+    except TokenError as exc:
+        print(f"error     {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    for line in describe_token(grant, show_token=show_token):
+        print(line)
     return 0
 
 

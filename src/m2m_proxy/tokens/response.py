@@ -82,8 +82,8 @@ def _expires_in(value: object) -> float | None:
     return float(value)
 
 
-def _jwt_lifetime(token: str, now: float) -> float | None:
-    """Seconds until the ``exp`` claim of a JWS compact token, or None if not a JWT."""
+def jwt_claims(token: str) -> dict[str, object] | None:
+    """The payload of a JWS compact token, unverified, or None if it is not one."""
     parts = token.split(".")
     if len(parts) != 3:
         return None
@@ -91,7 +91,13 @@ def _jwt_lifetime(token: str, now: float) -> float | None:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, UnicodeDecodeError):
         return None
-    exp = payload.get("exp") if isinstance(payload, dict) else None
+    return payload if isinstance(payload, dict) else None
+
+
+def _jwt_lifetime(token: str, now: float) -> float | None:
+    """Seconds until the ``exp`` claim of a JWS compact token, or None if not a JWT."""
+    payload = jwt_claims(token)
+    exp = payload.get("exp") if payload is not None else None
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         return None
     if exp <= now:
