@@ -14,22 +14,28 @@ ROOT = Path(__file__).resolve().parents[2]
 RESOURCE = "http://api.demo.local"
 
 
-@pytest.fixture(scope="session")
-def dev_stack() -> Iterator[DevStack]:
+def make_dev_stack(token_ttl_s: int = 300) -> DevStack:
+    """The dev IdP and demo API with the test clients (sentinel secret), not yet started."""
     clients = [
         {
-            "client_id": "svc-basic",
+            "client_id": client_id,
             "client_secret": SENTINEL_SECRET,
-            "token_endpoint_auth_method": "client_secret_basic",
-        },
-        {
-            "client_id": "svc-post",
-            "client_secret": SENTINEL_SECRET,
-            "token_endpoint_auth_method": "client_secret_post",
-        },
+            "token_endpoint_auth_method": method,
+        }
+        for client_id, method in (
+            ("svc-basic", "client_secret_basic"),
+            ("svc-post", "client_secret_post"),
+        )
     ]
-    resources = {RESOURCE: {"scope": "read write", "ttl_s": 300}}
-    with DevStack(ROOT, clients=clients, resources=resources) as stack:
+    resources: dict[str, dict[str, object]] = {
+        RESOURCE: {"scope": "read write", "ttl_s": token_ttl_s}
+    }
+    return DevStack(ROOT, clients=clients, resources=resources, token_ttl_s=token_ttl_s)
+
+
+@pytest.fixture(scope="session")
+def dev_stack() -> Iterator[DevStack]:
+    with make_dev_stack() as stack:
         yield stack
 
 

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from dev_stack import DevStack
 
-from tests.functional.conftest import RESOURCE, ROOT, routes_for
-from tests.functional.support import SENTINEL_SECRET, running_proxy
+from tests.functional.conftest import make_dev_stack, routes_for
+from tests.functional.support import running_proxy
 
 TTL_S = 3
 LOAD_S = 7.5
@@ -19,20 +19,7 @@ LOAD_S = 7.5
 
 @pytest.fixture(scope="module")
 def short_token_stack() -> Iterator[DevStack]:
-    clients = [
-        {
-            "client_id": "svc-basic",
-            "client_secret": SENTINEL_SECRET,
-            "token_endpoint_auth_method": "client_secret_basic",
-        },
-        {
-            "client_id": "svc-post",
-            "client_secret": SENTINEL_SECRET,
-            "token_endpoint_auth_method": "client_secret_post",
-        },
-    ]
-    resources = {RESOURCE: {"scope": "read write", "ttl_s": TTL_S}}
-    with DevStack(ROOT, clients=clients, resources=resources, token_ttl_s=TTL_S) as stack:
+    with make_dev_stack(token_ttl_s=TTL_S) as stack:
         yield stack
 
 
