@@ -108,7 +108,7 @@ def _run(path: str) -> int:
     config = _load(path)
     if config is None:
         return EXIT_CONFIG
-    secrets = [c.client_secret.value for c in config.clients.values()]
+    secrets = [s for c in config.clients.values() for s in c.secrets]
     logs = make_logs(config.proxy.log_level, secrets=secrets)
     log = logs.events
     bridge_library_logs(log, config.proxy.log_level)

@@ -11,6 +11,7 @@ from m2m_proxy.config.model import (
     ProxySettings,
     RouteConfig,
     Secret,
+    SigningKey,
     Unmatched,
 )
 from m2m_proxy.config.source import Problem
@@ -27,6 +28,7 @@ __all__ = [
     "ProxySettings",
     "RouteConfig",
     "Secret",
+    "SigningKey",
     "Unmatched",
     "load_config",
     "parse_config",

@@ -28,10 +28,12 @@ from m2m_proxy.config.model import (
     ProxySettings,
     RouteConfig,
     Secret,
+    SigningKey,
     Unmatched,
 )
 from m2m_proxy.config.schema import ClientSection, ProxySection, RouteSection, RoutesFile
 from m2m_proxy.config.source import Path, Problem, SourceDocument, format_path, parse_yaml
+from m2m_proxy.keys import SigningKeyError, check_alg
 
 # Form parameters the proxy sets itself; token_params may not override them.
 RESERVED_TOKEN_PARAMS = frozenset(
@@ -219,19 +221,63 @@ class _Checker:
             self._check_token_url((*base, "token_url"), section.token_url)
         if section.issuer is not None:
             self._check_token_url((*base, "issuer"), section.issuer)
-        secret = self._secret(base, section)
+        method = AuthMethod(section.auth_method)
         params = self._token_params((*base, "token_params"), section.token_params)
-        if secret is None:
-            return None
+        if method is AuthMethod.PRIVATE_KEY_JWT:
+            secret = None
+            key = self._signing_key(base, section)
+            if key is None:
+                return None
+        else:
+            key = None
+            for field in ("private_key_file", "key_id", "signing_alg"):
+                if getattr(section, field) is not None:
+                    self.problem(
+                        (*base, field),
+                        f"is only used with auth_method: "
+                        f"private_key_jwt, not {method.value}; remove it",
+                        key=True,
+                    )
+            secret = self._secret(base, section)
+            if secret is None:
+                return None
         return ClientConfig(
             name=name,
             token_url=section.token_url,
             client_id=section.client_id,
             client_secret=secret,
-            auth_method=AuthMethod(section.auth_method),
+            auth_method=method,
             token_params=params,
             issuer=section.issuer,
+            signing_key=key,
+            assertion_typ=section.assertion_typ,
         )
+
+    def _signing_key(self, base: Path, section: ClientSection) -> SigningKey | None:
+        for field in ("client_secret", "client_secret_file"):
+            if getattr(section, field) is not None:
+                self.problem(
+                    (*base, field),
+                    "private_key_jwt signs with private_key_file and sends no secret; remove it",
+                    key=True,
+                )
+        if section.private_key_file is None:
+            self.problem(
+                base,
+                "private_key_jwt needs private_key_file: a PEM file with the "
+                "client's RSA or EC P-256 private key",
+            )
+            return None
+        path = (*base, "private_key_file")
+        pem = self._read_secret_file(path, section.private_key_file)
+        if pem is None:
+            return None
+        try:
+            alg = check_alg(pem.value, section.signing_alg)
+        except SigningKeyError as exc:
+            self.problem(path, f"{exc}; give an unencrypted PEM private key (RSA or EC P-256)")
+            return None
+        return SigningKey(pem=pem, alg=alg, key_id=section.key_id)
 
     def _check_raw_client(self, name: str, item: Any) -> None:
         """Checks that do not need a valid section, so one bad field hides nothing."""

@@ -26,6 +26,8 @@ class Secret:
 class AuthMethod(StrEnum):
     CLIENT_SECRET_BASIC = "client_secret_basic"
     CLIENT_SECRET_POST = "client_secret_post"
+    CLIENT_SECRET_JWT = "client_secret_jwt"
+    PRIVATE_KEY_JWT = "private_key_jwt"
 
 
 class Unmatched(StrEnum):
@@ -82,17 +84,37 @@ class ProxySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A private key for ``private_key_jwt``: PEM text (hidden), its JWS alg, its kid."""
+
+    pem: Secret
+    alg: str
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClientConfig:
     """One OAuth2 client (one identity) and how it authenticates to its token endpoint."""
 
     name: str
     token_url: str | None
     client_id: str
-    client_secret: Secret
+    client_secret: Secret | None
     auth_method: AuthMethod
     token_params: tuple[tuple[str, str], ...] = ()
     issuer: str | None = None
     """Set instead of ``token_url``: the token endpoint comes from discovery."""
+    signing_key: SigningKey | None = None
+    """``private_key_jwt`` only."""
+    assertion_typ: str = "JWT"
+    """The ``typ`` header of client assertions (some IdPs want another, e.g.
+    ``client-authentication+jwt``)."""
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value of this client, for log redaction."""
+        values = (self.client_secret, self.signing_key.pem if self.signing_key else None)
+        return tuple(v.value for v in values if v is not None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,17 @@ class ClientSection(_Section):
     client_id: str = Field(min_length=1)
     client_secret: str | None = Field(None, description="The secret; use ${ENV} references.")
     client_secret_file: str | None = Field(None, description="A file holding the secret.")
-    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    auth_method: Literal[
+        "client_secret_basic", "client_secret_post", "client_secret_jwt", "private_key_jwt"
+    ] = "client_secret_basic"
+    private_key_file: str | None = Field(
+        None, description="private_key_jwt: PEM file of the RSA or EC P-256 private key."
+    )
+    key_id: str | None = Field(None, description="private_key_jwt: the key's kid header.")
+    signing_alg: Literal["RS256", "PS256", "ES256"] | None = Field(
+        None, description="private_key_jwt: RS256 (default for RSA), PS256, or ES256 (EC)."
+    )
+    assertion_typ: str = Field("JWT", min_length=1, description="typ header of client assertions.")
     token_params: dict[str, str] = Field(
         default_factory=dict, description="Extra form parameters for every token request."
     )

@@ -27,10 +27,12 @@ from tenacity import (
 
 from m2m_proxy.config import AuthMethod, ClientConfig, CredentialSpec
 from m2m_proxy.errors import TokenResponseInvalidError, TokenTimeoutError, TokenUnavailableError
+from m2m_proxy.tokens.assertion import ASSERTION_TYPE, client_assertion
 from m2m_proxy.tokens.discovery import Discovery, DiscoveryUnavailableError
 from m2m_proxy.tokens.model import TokenGrant
 from m2m_proxy.tokens.response import MAX_BODY_BYTES, parse_success, rejection
 
+JWT_METHODS = frozenset({AuthMethod.CLIENT_SECRET_JWT, AuthMethod.PRIVATE_KEY_JWT})
 _BACKOFF = wait_exponential_jitter(multiplier=0.2, max=2.0, jitter=0.2)
 _RETRY_AFTER_CAP_S = 30.0
 
@@ -65,7 +67,6 @@ class TokenClient:
     async def fetch(self, spec: CredentialSpec) -> TokenGrant:
         """Request a token for ``spec``; raise a TokenError subclass on failure."""
         client = self._clients[spec.client]
-        form, headers = build_request(client, spec)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_TransientError),
             stop=stop_after_attempt(self._retries + 1) | stop_before_delay(self._timeout_s),
@@ -76,7 +77,7 @@ class TokenClient:
             async with asyncio.timeout_at(asyncio.get_running_loop().time() + self._timeout_s):
                 async for attempt in retrying:
                     with attempt:
-                        return await self._attempt(client, form, headers)
+                        return await self._attempt(client, spec)
         except TimeoutError:
             raise TokenTimeoutError(
                 f"the token endpoint of client '{client.name}' did not answer within "
@@ -90,11 +91,16 @@ class TokenClient:
             ) from None
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    async def _attempt(
-        self, client: ClientConfig, form: dict[str, str], headers: dict[str, str]
-    ) -> TokenGrant:
+    async def _attempt(self, client: ClientConfig, spec: CredentialSpec) -> TokenGrant:
+        """One token request; each attempt signs a fresh client assertion (new jti)."""
         try:
             url = client.token_url or await self._discovery.token_endpoint(str(client.issuer))
+            assertion = (
+                client_assertion(client, audience=client.issuer or url, now=time.time())
+                if client.auth_method in JWT_METHODS
+                else None
+            )
+            form, headers = build_request(client, spec, assertion=assertion)
             async with self._session.post(
                 url, data=form, headers=headers, allow_redirects=False
             ) as resp:
@@ -120,9 +126,12 @@ class TokenClient:
 
 
 def build_request(
-    client: ClientConfig, spec: CredentialSpec
+    client: ClientConfig, spec: CredentialSpec, *, assertion: str | None = None
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """The form and headers of a token request; pure, so tests can assert on it."""
+    """The form and headers of a token request; pure, so tests can assert on it.
+
+    ``assertion`` is the signed client assertion of the JWT auth methods.
+    """
     form: dict[str, str] = {"grant_type": "client_credentials"}
     form.update(client.token_params)
     form.update(spec.token_params)
@@ -133,6 +142,15 @@ def build_request(
     if spec.resource:
         form["resource"] = spec.resource
     headers = {"Accept": "application/json"}
+    if client.auth_method in JWT_METHODS:
+        if assertion is None:
+            raise ValueError(f"{client.auth_method.value} needs a client assertion")
+        form["client_id"] = client.client_id
+        form["client_assertion_type"] = ASSERTION_TYPE
+        form["client_assertion"] = assertion
+        return form, headers
+    if client.client_secret is None:
+        raise ValueError(f"{client.auth_method.value} needs a client secret")
     if client.auth_method is AuthMethod.CLIENT_SECRET_BASIC:
         # RFC 6749 §2.3.1 / App. B: form-encode id and secret before base64.
         pair = f"{quote_plus(client.client_id)}:{quote_plus(client.client_secret.value)}"
