@@ -11,6 +11,7 @@ import pytest
 from m2m_proxy.config import (
     Address,
     AuthMethod,
+    ClientConfig,
     Config,
     ConfigError,
     Origin,
@@ -39,6 +40,11 @@ def problems(text: str, environ: Mapping[str, str] = ENV) -> list[str]:
         load(text, environ)
     assert str(info.value) == "\n".join(str(p) for p in info.value.problems)
     return [str(p) for p in info.value.problems]
+
+
+def secret_of(client: ClientConfig) -> str:
+    assert client.client_secret is not None
+    return client.client_secret.value
 
 
 def with_route(route: str) -> str:
@@ -75,7 +81,7 @@ def test_valid_file_builds_the_runtime_config() -> None:
     client = config.clients["orders"]
     assert client.token_url == "https://idp.example.com/oauth2/token"
     assert client.client_id == "orders-id"
-    assert client.client_secret.value == "s3cret-value"
+    assert secret_of(client) == "s3cret-value"
     assert client.auth_method is AuthMethod.CLIENT_SECRET_BASIC
     (route,) = config.routes
     assert route.name == "api.example.com"
@@ -225,8 +231,8 @@ def test_unset_environment_variable_is_named_with_its_fix() -> None:
 
 def test_default_is_used_only_when_the_variable_is_unset() -> None:
     text = CLIENTS.replace("${ORDERS_SECRET}", "${ORDERS_SECRET:-fallback}")
-    assert load(text, environ={}).clients["orders"].client_secret.value == "fallback"
-    assert load(text).clients["orders"].client_secret.value == "s3cret-value"
+    assert secret_of(load(text, environ={}).clients["orders"]) == "fallback"
+    assert secret_of(load(text).clients["orders"]) == "s3cret-value"
 
 
 def test_variable_set_to_empty_takes_the_default_as_in_the_shell() -> None:
@@ -252,7 +258,7 @@ def test_double_dollar_is_a_literal_dollar_and_not_a_reference() -> None:
 
 def test_expanded_values_are_not_expanded_again() -> None:
     config = load(CLIENTS, environ={"ORDERS_SECRET": "${OTHER}", "OTHER": "no"})
-    assert config.clients["orders"].client_secret.value == "${OTHER}"
+    assert secret_of(config.clients["orders"]) == "${OTHER}"
 
 
 def test_every_unset_variable_is_reported() -> None:
@@ -274,7 +280,7 @@ def test_client_secret_file_is_read_and_its_trailing_newline_stripped(tmp_path: 
             f"token_url: https://idp.example.com/t\nclient_id: a\nclient_secret_file: {secret}\n"
         )
     )
-    assert config.clients["orders"].client_secret.value == "from-file-secret"
+    assert secret_of(config.clients["orders"]) == "from-file-secret"
 
 
 def test_unreadable_client_secret_file_is_named_with_the_reason(tmp_path: Path) -> None:
@@ -768,7 +774,7 @@ def test_load_config_reads_the_file_and_names_it_in_problems(tmp_path: Path) -> 
     path.write_text(CLIENTS, encoding="utf-8")
     config = load_config(path, environ=ENV)
     assert config.source == str(path)
-    assert config.clients["orders"].client_secret.value == "s3cret-value"
+    assert secret_of(config.clients["orders"]) == "s3cret-value"
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert str(info.value).startswith(f"{path}:5:20: clients.orders.client_secret: ")
@@ -780,7 +786,7 @@ def test_load_config_uses_the_process_environment_by_default(
     path = tmp_path / "routes.yaml"
     path.write_text(CLIENTS, encoding="utf-8")
     monkeypatch.setenv("ORDERS_SECRET", "from-os-environ")
-    assert load_config(path).clients["orders"].client_secret.value == "from-os-environ"
+    assert secret_of(load_config(path).clients["orders"]) == "from-os-environ"
 
 
 def test_load_config_of_a_missing_file_says_so(tmp_path: Path) -> None:
@@ -852,3 +858,62 @@ def test_an_http_issuer_is_refused_off_loopback() -> None:
     )
     [problem] = problems(text)
     assert problem.startswith("routes.yaml:3:13: clients.orders.issuer: must be https")
+
+
+def _key_file(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+def test_private_key_jwt_loads_the_key_and_its_alg(tmp_path: Path) -> None:
+    text = CLIENTS.replace(
+        "client_secret: ${ORDERS_SECRET}",
+        f"auth_method: private_key_jwt\n    private_key_file: "
+        f"{_key_file(tmp_path)}\n    key_id: k1",
+    )
+    client = load(text).clients["orders"]
+    assert client.client_secret is None
+    assert client.signing_key is not None
+    assert (client.signing_key.alg, client.signing_key.key_id) == ("ES256", "k1")
+    assert "PRIVATE KEY" not in repr(client)
+
+
+def test_private_key_jwt_problems_are_named(tmp_path: Path) -> None:
+    text = CLIENTS.replace(
+        "client_secret: ${ORDERS_SECRET}",
+        f"client_secret: x\n    auth_method: private_key_jwt\n"
+        f"    private_key_file: {_key_file(tmp_path)}\n"
+        "    signing_alg: RS256",
+    )
+    found = problems(text)
+    assert any(
+        "clients.orders.client_secret: private_key_jwt signs with private_key_file "
+        "and sends no secret; remove it" in p
+        for p in found
+    )
+    assert any(
+        "clients.orders.private_key_file: RS256 cannot be used with an EC key; use ES256" in p
+        for p in found
+    )
+
+
+def test_key_fields_without_private_key_jwt_are_refused() -> None:
+    text = CLIENTS.replace(
+        "client_secret: ${ORDERS_SECRET}", "client_secret: ${ORDERS_SECRET}\n    key_id: k1"
+    )
+    [problem] = problems(text)
+    assert problem.endswith(
+        "clients.orders.key_id: is only used with auth_method: "
+        "private_key_jwt, not client_secret_basic; remove it"
+    )
