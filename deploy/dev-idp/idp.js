@@ -54,19 +54,33 @@ const HOST = process.env.IDP_HOST || '127.0.0.1';
 const PORT = parsePort('IDP_PORT', 9400);
 const DEV_SECRET = process.env.DEV_CLIENT_SECRET || 'dev-only-secret';
 
-const AUTH_METHODS = new Set(['client_secret_basic', 'client_secret_post']);
+const SECRET_METHODS = new Set(['client_secret_basic', 'client_secret_post']);
+const JWT_METHODS = new Set(['client_secret_jwt', 'private_key_jwt']);
+const AUTH_METHODS = new Set([...SECRET_METHODS, ...JWT_METHODS]);
+// Client assertion algorithms: HS256 for client_secret_jwt, the others for private_key_jwt.
+const CLIENT_AUTH_ALGS = ['HS256', 'RS256', 'PS256', 'ES256'];
 const CLIENTS = parseJsonEnv('IDP_CLIENTS', [
   { client_id: 'demo-basic', client_secret: DEV_SECRET, token_endpoint_auth_method: 'client_secret_basic' },
   { client_id: 'demo-post', client_secret: DEV_SECRET, token_endpoint_auth_method: 'client_secret_post' },
 ]);
 if (!Array.isArray(CLIENTS) || CLIENTS.length === 0) fail('IDP_CLIENTS must be a non-empty JSON list');
 for (const c of CLIENTS) {
-  if (typeof c?.client_id !== 'string' || typeof c.client_secret !== 'string') {
-    fail('every IDP_CLIENTS entry needs string client_id and client_secret');
-  }
+  if (typeof c?.client_id !== 'string') fail('every IDP_CLIENTS entry needs a string client_id');
   c.token_endpoint_auth_method ??= 'client_secret_basic';
-  if (!AUTH_METHODS.has(c.token_endpoint_auth_method)) {
+  const method = c.token_endpoint_auth_method;
+  if (!AUTH_METHODS.has(method)) {
     fail(`client ${c.client_id}: token_endpoint_auth_method must be one of ${[...AUTH_METHODS]}`);
+  }
+  if (method === 'private_key_jwt') {
+    if (c.client_secret !== undefined && typeof c.client_secret !== 'string') {
+      fail(`client ${c.client_id}: client_secret must be a string if given`);
+    }
+    if (c.jwks === null || typeof c.jwks !== 'object' || !Array.isArray(c.jwks.keys)
+        || c.jwks.keys.length === 0) {
+      fail(`client ${c.client_id}: private_key_jwt needs jwks, a public JWK Set {"keys": [...]}`);
+    }
+  } else if (typeof c.client_secret !== 'string') {
+    fail(`client ${c.client_id}: ${method} needs a string client_secret`);
   }
 }
 
@@ -176,19 +190,49 @@ function describeAuthorization(header) {
   return { auth_header_scheme: 'basic', basic_client_id: clientId };
 }
 
+// Decoded (NOT verified) view of a client_assertion JWT for the record; oidc-provider does the
+// real verification. Returns nulls when there is no assertion or it is not a decodable JWT.
+function describeAssertion(assertion) {
+  const none = { assertion_header: null, assertion_claims: null };
+  if (typeof assertion !== 'string') return none;
+  const parts = assertion.split('.');
+  if (parts.length !== 3) return none;
+  const decode = (part) => {
+    try {
+      const value = JSON.parse(Buffer.from(part, 'base64url').toString('utf8'));
+      return value !== null && typeof value === 'object' && !Array.isArray(value) ? value : null;
+    } catch {
+      return null;
+    }
+  };
+  return { assertion_header: decode(parts[0]), assertion_claims: decode(parts[1]) };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Provider
 // ---------------------------------------------------------------------------------------------
 
+// Which client authentication method a token request used: a client_assertion means one of
+// the JWT methods (HS* assertion = client_secret_jwt, anything else = private_key_jwt), a
+// client_secret form field means client_secret_post, otherwise Basic.
+function usedAuthMethod(body) {
+  if (body?.client_assertion !== undefined) {
+    const alg = describeAssertion(body.client_assertion).assertion_header?.alg;
+    return typeof alg === 'string' && alg.startsWith('HS') ? 'client_secret_jwt' : 'private_key_jwt';
+  }
+  return body?.client_secret !== undefined ? 'client_secret_post' : 'client_secret_basic';
+}
+
 // oidc-provider accepts client_secret_basic and client_secret_post interchangeably for any
 // secret-based client. Real IdPs (Auth0, Okta, Entra) enforce the registered method, and the
-// proxy's auth_method setting is only testable if this one does too. Runs during the grant,
-// i.e. after oidc-provider authenticated the client (see resourceServerInfo).
+// proxy's auth_method setting is only testable if this one does too. oidc-provider already
+// enforces the JWT methods itself (method family and assertion alg); this check repeats that
+// for every registered method. Runs during the grant, i.e. after oidc-provider authenticated
+// the client (see resourceServerInfo).
 function enforceRegisteredAuthMethod(ctx) {
   const registered = ctx.oidc.client?.clientAuthMethod;
   if (!AUTH_METHODS.has(registered)) return;
-  const used = ctx.oidc.body?.client_secret !== undefined
-    ? 'client_secret_post' : 'client_secret_basic';
+  const used = usedAuthMethod(ctx.oidc.body);
   if (used !== registered) {
     const err = new errors.InvalidClientAuth(); // 401 invalid_client, like a bad secret
     err.error_description = `client authentication failed: client is registered for ${registered}`
@@ -220,7 +264,17 @@ function resourceServerInfo(ctx, indicator) {
   };
 }
 
-function buildProvider(issuer) {
+const CLIENT_METADATA = CLIENTS.map((c) => ({
+  client_id: c.client_id,
+  ...(c.client_secret !== undefined && { client_secret: c.client_secret }),
+  ...(c.jwks !== undefined && { jwks: c.jwks }),
+  token_endpoint_auth_method: c.token_endpoint_auth_method,
+  grant_types: ['client_credentials'],
+  response_types: [],
+  redirect_uris: [],
+}));
+
+async function buildProvider(issuer) {
   // Fresh RSA signing key per start: nothing secret is committed, tokens die with the IdP.
   const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
   const jwk = {
@@ -232,18 +286,13 @@ function buildProvider(issuer) {
 
   const provider = new Provider(issuer, {
     adapter: MemoryAdapter,
-    clients: CLIENTS.map((c) => ({
-      client_id: c.client_id,
-      client_secret: c.client_secret,
-      token_endpoint_auth_method: c.token_endpoint_auth_method,
-      grant_types: ['client_credentials'],
-      response_types: [],
-      redirect_uris: [],
-    })),
+    clients: CLIENT_METADATA,
     jwks: { keys: [jwk] },
     cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
     scopes: ALL_SCOPES,
     clientBasedCORS: () => false,
+    clientAuthMethods: [...AUTH_METHODS],
+    enabledJWA: { clientAuthSigningAlgValues: CLIENT_AUTH_ALGS },
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
@@ -279,6 +328,8 @@ function buildProvider(issuer) {
       content_type: ctx.get('content-type') || null,
       ...describeAuthorization(ctx.get('authorization')),
       form: null,
+      assertion_header: null,
+      assertion_claims: null,
       status: null,
     };
     if (tokenRequests.length >= MAX_RECORDED) tokenRequests.shift();
@@ -288,9 +339,20 @@ function buildProvider(issuer) {
     } finally {
       const form = ctx.oidc?.body;
       record.form = form ? { ...form } : null;
+      Object.assign(record, describeAssertion(form?.client_assertion));
       record.status = ctx.status;
     }
   });
+
+  // oidc-provider validates static clients lazily (first token request); validate them now so
+  // a bad IDP_CLIENTS entry (e.g. a private key in jwks) fails the start with a clear message.
+  for (const metadata of CLIENT_METADATA) {
+    try {
+      await provider.Client.validate(metadata);
+    } catch (err) {
+      fail(`client ${metadata.client_id}: ${err.error_description ?? err.message}`);
+    }
+  }
 
   provider.on('server_error', (_ctx, err) => {
     process.stderr.write(`idp: server_error: ${err?.stack ?? err}\n`);
@@ -336,7 +398,7 @@ await new Promise((resolve) => server.listen(PORT, HOST, resolve));
 // The issuer needs the real port, so the provider is built only after listen() (IDP_PORT=0).
 const { port } = server.address();
 const issuer = `http://${HOST.includes(':') ? `[${HOST}]` : HOST}:${port}`;
-const provider = buildProvider(issuer);
+const provider = await buildProvider(issuer);
 const providerCallback = provider.callback();
 
 server.on('request', (req, res) => {
