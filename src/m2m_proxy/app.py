@@ -22,6 +22,7 @@ from m2m_proxy.forward import Forwarder
 from m2m_proxy.frontdoor import FrontDoor
 from m2m_proxy.handler import ProxyHandler
 from m2m_proxy.logs import Logs
+from m2m_proxy.prefetch import Prefetcher
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.client import TokenClient
@@ -126,7 +127,15 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         on_fetched=fetched,
         on_failed=failed,
     )
+    clients = rt.config.clients
+    prefetcher = Prefetcher(
+        rt.tokens,
+        (r.credential for r in rt.config.routes if clients[r.credential.client].prefetch),
+        rt.readiness,
+    )
+    prefetcher.start()
     yield
+    await prefetcher.close()
     await rt.tokens.close()
     await idp_session.close()
 

@@ -250,6 +250,7 @@ class _Checker:
             token_params=params,
             issuer=section.issuer,
             signing_key=key,
+            prefetch=section.prefetch,
             assertion_typ=section.assertion_typ,
         )
 

@@ -106,6 +106,8 @@ class ClientConfig:
     """Set instead of ``token_url``: the token endpoint comes from discovery."""
     signing_key: SigningKey | None = None
     """``private_key_jwt`` only."""
+    prefetch: bool = False
+    """Fetch this client's tokens at start; readiness waits for them."""
     assertion_typ: str = "JWT"
     """The ``typ`` header of client assertions (some IdPs want another, e.g.
     ``client-authentication+jwt``)."""

@@ -85,6 +85,9 @@ class ClientSection(_Section):
     signing_alg: Literal["RS256", "PS256", "ES256"] | None = Field(
         None, description="private_key_jwt: RS256 (default for RSA), PS256, or ES256 (EC)."
     )
+    prefetch: bool = Field(
+        False, description="Fetch this client's tokens at start; /readyz waits for them."
+    )
     assertion_typ: str = Field("JWT", min_length=1, description="typ header of client assertions.")
     token_params: dict[str, str] = Field(
         default_factory=dict, description="Extra form parameters for every token request."
