@@ -917,3 +917,21 @@ def test_key_fields_without_private_key_jwt_are_refused() -> None:
         "clients.orders.key_id: is only used with auth_method: "
         "private_key_jwt, not client_secret_basic; remove it"
     )
+
+
+def test_a_list_of_secrets_is_a_rotation(tmp_path: Path) -> None:
+    text = CLIENTS.replace(
+        "client_secret: ${ORDERS_SECRET}", 'client_secret: ["${ORDERS_SECRET}", next-secret]'
+    )
+    client = load(text).clients["orders"]
+    assert secret_of(client) == "s3cret-value"
+    assert [s.value for s in client.fallback_secrets] == ["next-secret"]
+    assert client.secrets == ("s3cret-value", "next-secret")  # both are redacted from logs
+
+
+def test_an_empty_secret_list_is_refused() -> None:
+    text = CLIENTS.replace("client_secret: ${ORDERS_SECRET}", "client_secret: []")
+    [problem] = problems(text)
+    assert problem.endswith(
+        "clients.orders.client_secret: is an empty list; give one secret, or two during a rotation"
+    )

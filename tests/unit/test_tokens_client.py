@@ -12,7 +12,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl, unquote_plus
 
 import aiohttp
@@ -402,3 +402,45 @@ async def test_a_malformed_retry_after_is_ignored(
     with pytest.raises(TokenUnavailableError) as info:
         await client.fetch(CredentialSpec(client="orders"))
     assert info.value.detail == "the token endpoint of client 'orders' failed: HTTP 503"
+
+
+async def test_rotation_tries_the_next_secret_on_invalid_client_and_remembers_it(
+    idp: FakeIdp, session: aiohttp.ClientSession
+) -> None:
+    rejected = Answer(401, json.dumps({"error": "invalid_client"}))
+    idp.answers = [rejected, Answer(), Answer()]
+    config = replace(
+        client_config(token_url=idp.token_url, method=AuthMethod.CLIENT_SECRET_POST, secret="old"),
+        fallback_secrets=(Secret("new"),),
+    )
+    client = token_client(session, config, retries=0)
+    await client.fetch(CredentialSpec(client="orders"))
+    await client.fetch(CredentialSpec(client="orders"))
+    assert [r.form["client_secret"] for r in idp.received] == ["old", "new", "new"]
+
+
+async def test_rotation_gives_up_after_every_secret_was_refused(
+    idp: FakeIdp, session: aiohttp.ClientSession
+) -> None:
+    idp.answers = [Answer(401, json.dumps({"error": "invalid_client"}))]
+    config = replace(
+        client_config(token_url=idp.token_url, method=AuthMethod.CLIENT_SECRET_POST, secret="a"),
+        fallback_secrets=(Secret("b"),),
+    )
+    with pytest.raises(TokenRejectedError) as info:
+        await token_client(session, config, retries=0).fetch(CredentialSpec(client="orders"))
+    assert info.value.oauth_error == "invalid_client"
+    assert [r.form["client_secret"] for r in idp.received] == ["a", "b"]
+
+
+async def test_rotation_does_not_try_other_secrets_for_other_rejections(
+    idp: FakeIdp, session: aiohttp.ClientSession
+) -> None:
+    idp.answers = [Answer(400, json.dumps({"error": "invalid_scope"}))]
+    config = replace(
+        client_config(token_url=idp.token_url, method=AuthMethod.CLIENT_SECRET_POST, secret="a"),
+        fallback_secrets=(Secret("b"),),
+    )
+    with pytest.raises(TokenRejectedError):
+        await token_client(session, config, retries=0).fetch(CredentialSpec(client="orders"))
+    assert len(idp.received) == 1

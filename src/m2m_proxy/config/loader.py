@@ -223,6 +223,7 @@ class _Checker:
             self._check_token_url((*base, "issuer"), section.issuer)
         method = AuthMethod(section.auth_method)
         params = self._token_params((*base, "token_params"), section.token_params)
+        fallbacks: tuple[Secret, ...] = ()
         if method is AuthMethod.PRIVATE_KEY_JWT:
             secret = None
             key = self._signing_key(base, section)
@@ -238,14 +239,16 @@ class _Checker:
                         f"private_key_jwt, not {method.value}; remove it",
                         key=True,
                     )
-            secret = self._secret(base, section)
-            if secret is None:
+            secrets = self._secrets(base, section)
+            if secrets is None:
                 return None
+            secret, fallbacks = secrets[0], tuple(secrets[1:])
         return ClientConfig(
             name=name,
             token_url=section.token_url,
             client_id=section.client_id,
             client_secret=secret,
+            fallback_secrets=fallbacks,
             auth_method=method,
             token_params=params,
             issuer=section.issuer,
@@ -330,16 +333,42 @@ class _Checker:
                 "plain http is only allowed on loopback",
             )
 
-    def _secret(self, base: Path, section: ClientSection) -> Secret | None:
+    def _secrets(self, base: Path, section: ClientSection) -> list[Secret] | None:
+        """The client's secrets in order; more than one during a rotation."""
         if (section.client_secret is None) == (section.client_secret_file is None):
             self.problem(base, "set exactly one of client_secret or client_secret_file")
             return None
         if section.client_secret is not None:
-            if not section.client_secret:
-                self.problem((*base, "client_secret"), "is empty; set it (e.g. from ${ENV})")
-                return None
-            return Secret(section.client_secret)
-        return self._read_secret_file((*base, "client_secret_file"), section.client_secret_file)
+            values = _as_list(section.client_secret)
+            for i, value in enumerate(values):
+                if not value:
+                    path = (
+                        (*base, "client_secret", i) if len(values) > 1 else (*base, "client_secret")
+                    )
+                    self.problem(path, "is empty; set it (e.g. from ${ENV})")
+                    return None
+            if not values:
+                return self._no_secret(base, "client_secret")
+            return [Secret(v) for v in values]
+        files = _as_list(section.client_secret_file)
+        secrets = [
+            self._read_secret_file(
+                (*base, "client_secret_file", i)
+                if len(files) > 1
+                else (*base, "client_secret_file"),
+                file,
+            )
+            for i, file in enumerate(files)
+        ]
+        if not files:
+            return self._no_secret(base, "client_secret_file")
+        if any(s is None for s in secrets):
+            return None
+        return [s for s in secrets if s is not None]
+
+    def _no_secret(self, base: Path, field: str) -> list[Secret] | None:
+        self.problem((*base, field), "is an empty list; give one secret, or two during a rotation")
+        return None
 
     def _read_secret_file(self, path: Path, file: str | None) -> Secret | None:
         try:
@@ -497,6 +526,12 @@ class _Checker:
                     "(RFC 6749 §3.3); remove spaces and quotes",
                 )
         return tuple(sorted(set(items)))
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _data_path(data: Any, loc: tuple[str | int, ...]) -> Path:

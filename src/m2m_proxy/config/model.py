@@ -106,6 +106,8 @@ class ClientConfig:
     """Set instead of ``token_url``: the token endpoint comes from discovery."""
     signing_key: SigningKey | None = None
     """``private_key_jwt`` only."""
+    fallback_secrets: tuple[Secret, ...] = ()
+    """During a rotation: more secrets, tried in order when the IdP says invalid_client."""
     prefetch: bool = False
     """Fetch this client's tokens at start; readiness waits for them."""
     assertion_typ: str = "JWT"
@@ -115,7 +117,11 @@ class ClientConfig:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value of this client, for log redaction."""
-        values = (self.client_secret, self.signing_key.pem if self.signing_key else None)
+        values = (
+            self.client_secret,
+            *self.fallback_secrets,
+            self.signing_key.pem if self.signing_key else None,
+        )
         return tuple(v.value for v in values if v is not None)
 
 

@@ -73,8 +73,14 @@ class ClientSection(_Section):
         "discovered (OpenID Connect Discovery, then RFC 8414).",
     )
     client_id: str = Field(min_length=1)
-    client_secret: str | None = Field(None, description="The secret; use ${ENV} references.")
-    client_secret_file: str | None = Field(None, description="A file holding the secret.")
+    client_secret: str | list[str] | None = Field(
+        None,
+        description="The secret; use ${ENV} references. A list during a rotation: on "
+        "invalid_client the next one is tried, and the one that works is kept.",
+    )
+    client_secret_file: str | list[str] | None = Field(
+        None, description="A file holding the secret (a list during a rotation)."
+    )
     auth_method: Literal[
         "client_secret_basic", "client_secret_post", "client_secret_jwt", "private_key_jwt"
     ] = "client_secret_basic"

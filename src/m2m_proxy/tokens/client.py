@@ -13,6 +13,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -26,7 +27,12 @@ from tenacity import (
 )
 
 from m2m_proxy.config import AuthMethod, ClientConfig, CredentialSpec
-from m2m_proxy.errors import TokenResponseInvalidError, TokenTimeoutError, TokenUnavailableError
+from m2m_proxy.errors import (
+    TokenRejectedError,
+    TokenResponseInvalidError,
+    TokenTimeoutError,
+    TokenUnavailableError,
+)
 from m2m_proxy.tokens.assertion import ASSERTION_TYPE, client_assertion
 from m2m_proxy.tokens.discovery import Discovery, DiscoveryUnavailableError
 from m2m_proxy.tokens.model import TokenGrant
@@ -59,14 +65,37 @@ class TokenClient:
         discovery: Discovery | None = None,
     ) -> None:
         self._session = session
+        self._active_secret: dict[str, int] = {}
         self._discovery = discovery if discovery is not None else Discovery(session)
         self._clients = clients
         self._timeout_s = timeout_s
         self._retries = retries
 
     async def fetch(self, spec: CredentialSpec) -> TokenGrant:
-        """Request a token for ``spec``; raise a TokenError subclass on failure."""
+        """Request a token for ``spec``; raise a TokenError subclass on failure.
+
+        During a secret rotation (``fallback_secrets``) an ``invalid_client`` answer
+        makes it try the client's other secrets in order; the one that works is
+        remembered and tried first from then on.
+        """
         client = self._clients[spec.client]
+        secrets = (client.client_secret, *client.fallback_secrets)
+        if len(secrets) == 1:
+            return await self._fetch(client, spec)
+        start = self._active_secret.get(client.name, 0)
+        order = [*range(start, len(secrets)), *range(start)]
+        for tried, index in enumerate(order, start=1):
+            try:
+                grant = await self._fetch(replace(client, client_secret=secrets[index]), spec)
+            except TokenRejectedError as exc:
+                if exc.oauth_error != "invalid_client" or tried == len(order):
+                    raise
+                continue
+            self._active_secret[client.name] = index
+            return grant
+        raise AssertionError("unreachable: the last secret returns or raises")  # pragma: no cover
+
+    async def _fetch(self, client: ClientConfig, spec: CredentialSpec) -> TokenGrant:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_TransientError),
             stop=stop_after_attempt(self._retries + 1) | stop_before_delay(self._timeout_s),
