@@ -103,6 +103,13 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
             resource=key.resource,
             lifetime_s=round(token.lifetime_s),
         )
+        if token.clamped_from_s is not None:
+            log.warning(
+                "token_lifetime_clamped",
+                client=key.client,
+                expires_in_s=token.clamped_from_s,
+                used_s=round(token.lifetime_s),
+            )
 
     def failed(key: CredentialKey, exc: TokenError) -> None:
         if isinstance(exc, TokenRejectedError):

@@ -158,3 +158,20 @@ async def test_idp_down_gives_502_fast_and_failure_is_held_briefly() -> None:
     assert {body["code"] for _, _, body in results} == {"token_unavailable"}
     assert elapsed < 3.0
     assert len(failures) == 1  # 20 concurrent requests shared one failing fetch
+
+
+async def test_an_absurd_expires_in_is_clamped_with_a_warning() -> None:
+    async def idp(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {"access_token": "t", "token_type": "Bearer", "expires_in": 10**12}
+        )
+
+    async with fake_server(idp) as server, fake_server(_ok) as api:
+        async with running_proxy(_routes(f"{server.url}/token", api.url)) as proxy:
+            async with aiohttp.ClientSession() as client:
+                async with client.get("http://broken.test/", proxy=proxy.url) as resp:
+                    assert resp.status == 200
+            [warning] = proxy.log_events("token_lifetime_clamped")
+            [fetched] = proxy.log_events("token_fetched")
+    assert warning["expires_in_s"] == 10**12
+    assert warning["used_s"] == fetched["lifetime_s"] == 86400

@@ -98,3 +98,17 @@ def test_refresh_at_is_never_later_than_renew_at() -> None:
     token = make_token(grant, sent_at=0.0, skew_s=60.0, default_lifetime_s=300.0, jitter=1.0)
     assert token.renew_at == 50.0  # min(skew, lifetime / 2)
     assert token.refresh_at == 50.0
+
+
+def test_an_absurd_lifetime_is_clamped_and_says_so() -> None:
+    grant = TokenGrant(access_token="t", expires_in_s=1e12)
+    token = make_token(grant, sent_at=0.0, skew_s=60.0, default_lifetime_s=300.0)
+    assert token.lifetime_s == MAX_LIFETIME_S
+    assert token.clamped_from_s == 1e12
+    normal = make_token(
+        TokenGrant(access_token="t", expires_in_s=3600.0),
+        sent_at=0.0,
+        skew_s=60.0,
+        default_lifetime_s=300.0,
+    )
+    assert normal.clamped_from_s is None

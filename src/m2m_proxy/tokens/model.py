@@ -44,6 +44,8 @@ class Token:
     expires_at: float
     renew_at: float
     refresh_at: float
+    clamped_from_s: float | None = None
+    """The IdP's lifetime when it was longer than MAX_LIFETIME_S and cut down."""
 
     @property
     def lifetime_s(self) -> float:
@@ -65,8 +67,8 @@ def make_token(
 
     ``jitter`` in [-1, 1] moves ``refresh_at`` by up to ±10 % of its offset.
     """
-    lifetime = grant.expires_in_s if grant.expires_in_s is not None else default_lifetime_s
-    lifetime = min(lifetime, MAX_LIFETIME_S)
+    asked = grant.expires_in_s if grant.expires_in_s is not None else default_lifetime_s
+    lifetime = min(asked, MAX_LIFETIME_S)
     expires_at = sent_at + lifetime
     renew_at = expires_at - min(skew_s, lifetime / 2)
     ahead = lifetime * REFRESH_FRACTION * (1 + REFRESH_JITTER * max(-1.0, min(1.0, jitter)))
@@ -76,4 +78,5 @@ def make_token(
         expires_at=expires_at,
         renew_at=renew_at,
         refresh_at=min(renew_at, sent_at + ahead),
+        clamped_from_s=asked if asked > MAX_LIFETIME_S else None,
     )
