@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from dev_stack import DevStack
 
+from m2m_proxy.config import AuthMethod, ClientConfig, Secret, SigningKey
+from m2m_proxy.tokens.assertion import client_assertion
 from tests.functional.conftest import RESOURCE, ROOT
 from tests.functional.support import SENTINEL_SECRET, running_proxy
 
@@ -124,3 +127,48 @@ routes:
         assert claims["exp"] - claims["iat"] == 60
         assert record["auth_header_scheme"] is None
     assert SENTINEL_SECRET not in logs and "PRIVATE KEY" not in logs
+
+
+async def test_client_assertion_file_is_read_again_for_every_token_request(
+    jwt_stack: DevStack, tmp_path: Path
+) -> None:
+    """A Kubernetes-style projected token: someone else signs and rotates the file."""
+    stack = jwt_stack
+    stack.reset()
+    signer = ClientConfig(
+        name="signer",
+        token_url=stack.token_url,
+        client_id="jwt-rsa",
+        client_secret=None,
+        auth_method=AuthMethod.PRIVATE_KEY_JWT,
+        signing_key=SigningKey(Secret(_key_file(tmp_path, "rsa").read_text()), "RS256", "rsa-1"),
+    )
+    assertion_file = tmp_path / "token"
+
+    def rotate() -> str:
+        assertion = client_assertion(signer, audience=stack.token_url, now=time.time())
+        assertion_file.write_text(assertion + "\n")
+        return assertion
+
+    first = rotate()
+    routes = f"""
+clients:
+  projected:
+    token_url: {stack.token_url}
+    client_id: jwt-rsa
+    auth_method: private_key_jwt
+    client_assertion_file: {assertion_file}
+routes:
+  - {{host: read.test, client: projected, scope: read, resource: "{RESOURCE}",
+      upstream: "{stack.api_url}"}}
+  - {{host: write.test, client: projected, scope: "read write", resource: "{RESOURCE}",
+      upstream: "{stack.api_url}"}}
+"""
+    async with running_proxy(routes) as proxy, aiohttp.ClientSession() as client:
+        async with client.get("http://read.test/", proxy=proxy.url) as resp:
+            assert resp.status == 200
+        second = rotate()  # a reused jti would be refused by the IdP
+        async with client.get("http://write.test/", proxy=proxy.url) as resp:
+            assert resp.status == 200
+    sent = [r["form"]["client_assertion"] for r in stack.token_requests()]
+    assert sent == [first, second]

@@ -935,3 +935,27 @@ def test_an_empty_secret_list_is_refused() -> None:
     assert problem.endswith(
         "clients.orders.client_secret: is an empty list; give one secret, or two during a rotation"
     )
+
+
+def test_client_assertion_file_replaces_the_private_key(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a.b.c\n")
+    text = CLIENTS.replace(
+        "client_secret: ${ORDERS_SECRET}",
+        f"auth_method: private_key_jwt\n    client_assertion_file: {token}",
+    )
+    client = load(text).clients["orders"]
+    assert (client.assertion_file, client.signing_key, client.client_secret) == (
+        str(token),
+        None,
+        None,
+    )
+
+
+def test_client_assertion_file_must_be_readable(tmp_path: Path) -> None:
+    text = CLIENTS.replace(
+        "client_secret: ${ORDERS_SECRET}",
+        f"auth_method: private_key_jwt\n    client_assertion_file: {tmp_path / 'missing'}",
+    )
+    [problem] = problems(text)
+    assert "clients.orders.client_assertion_file: cannot read" in problem

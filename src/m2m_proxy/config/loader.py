@@ -224,14 +224,20 @@ class _Checker:
         method = AuthMethod(section.auth_method)
         params = self._token_params((*base, "token_params"), section.token_params)
         fallbacks: tuple[Secret, ...] = ()
-        if method is AuthMethod.PRIVATE_KEY_JWT:
+        assertion_file = None
+        if method is AuthMethod.PRIVATE_KEY_JWT and section.client_assertion_file is not None:
+            secret, key = None, None
+            assertion_file = self._assertion_file(base, section)
+            if assertion_file is None:
+                return None
+        elif method is AuthMethod.PRIVATE_KEY_JWT:
             secret = None
             key = self._signing_key(base, section)
             if key is None:
                 return None
         else:
             key = None
-            for field in ("private_key_file", "key_id", "signing_alg"):
+            for field in ("private_key_file", "key_id", "signing_alg", "client_assertion_file"):
                 if getattr(section, field) is not None:
                     self.problem(
                         (*base, field),
@@ -253,9 +259,31 @@ class _Checker:
             token_params=params,
             issuer=section.issuer,
             signing_key=key,
+            assertion_file=assertion_file,
             prefetch=section.prefetch,
             assertion_typ=section.assertion_typ,
         )
+
+    def _assertion_file(self, base: Path, section: ClientSection) -> str | None:
+        """An externally made assertion: checked readable now, read again per request."""
+        for field in (
+            "client_secret",
+            "client_secret_file",
+            "private_key_file",
+            "key_id",
+            "signing_alg",
+        ):
+            if getattr(section, field) is not None:
+                self.problem(
+                    (*base, field),
+                    "is not used with client_assertion_file (the "
+                    "assertion is already signed); remove it",
+                    key=True,
+                )
+        path = (*base, "client_assertion_file")
+        if self._read_secret_file(path, section.client_assertion_file) is None:
+            return None
+        return section.client_assertion_file
 
     def _signing_key(self, base: Path, section: ClientSection) -> SigningKey | None:
         for field in ("client_secret", "client_secret_file"):

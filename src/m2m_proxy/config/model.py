@@ -106,6 +106,8 @@ class ClientConfig:
     """Set instead of ``token_url``: the token endpoint comes from discovery."""
     signing_key: SigningKey | None = None
     """``private_key_jwt`` only."""
+    assertion_file: str | None = None
+    """``private_key_jwt`` only, instead of ``signing_key``: read per token request."""
     fallback_secrets: tuple[Secret, ...] = ()
     """During a rotation: more secrets, tried in order when the IdP says invalid_client."""
     prefetch: bool = False

@@ -88,6 +88,12 @@ class ClientSection(_Section):
         None, description="private_key_jwt: PEM file of the RSA or EC P-256 private key."
     )
     key_id: str | None = Field(None, description="private_key_jwt: the key's kid header.")
+    client_assertion_file: str | None = Field(
+        None,
+        description="private_key_jwt: instead of private_key_file, a file holding an "
+        "assertion made by someone else (a Kubernetes service-account token, a SPIFFE "
+        "JWT-SVID), read again for every token request.",
+    )
     signing_alg: Literal["RS256", "PS256", "ES256"] | None = Field(
         None, description="private_key_jwt: RS256 (default for RSA), PS256, or ES256 (EC)."
     )

@@ -124,11 +124,11 @@ class TokenClient:
         """One token request; each attempt signs a fresh client assertion (new jti)."""
         try:
             url = client.token_url or await self._discovery.token_endpoint(str(client.issuer))
-            assertion = (
-                client_assertion(client, audience=client.issuer or url, now=time.time())
-                if client.auth_method in JWT_METHODS
-                else None
-            )
+            assertion = None
+            if client.assertion_file is not None:
+                assertion = read_assertion_file(client.assertion_file)
+            elif client.auth_method in JWT_METHODS:
+                assertion = client_assertion(client, audience=client.issuer or url, now=time.time())
             form, headers = build_request(client, spec, assertion=assertion)
             async with self._session.post(
                 url, data=form, headers=headers, allow_redirects=False
@@ -188,6 +188,18 @@ def build_request(
         form["client_id"] = client.client_id
         form["client_secret"] = client.client_secret.value
     return form, headers
+
+
+def read_assertion_file(path: str) -> str:
+    """The current assertion in ``path`` (rotated on disk by its producer)."""
+    try:
+        with open(path, encoding="utf-8") as file:  # small file; a blocking read is fine
+            assertion = file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _TransientError(f"cannot read client_assertion_file ({type(exc).__name__})") from None
+    if not assertion:
+        raise _TransientError("client_assertion_file is empty")
+    return assertion
 
 
 def _wait(state: RetryCallState) -> float:
