@@ -32,6 +32,11 @@ from m2m_proxy.tokens.model import CredentialKey, Token, TokenGrant
 LISTENING = "proxy_listener"
 
 
+def rejected_condition(client: str) -> str:
+    """The readiness condition withdrawn while the IdP rejects a client's credentials."""
+    return f"client:{client} accepted by the IdP"
+
+
 @dataclass(slots=True)
 class Runtime:
     """What the running app holds; filled by the cleanup_ctx steps in order."""
@@ -95,6 +100,7 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
     log = rt.logs.events
 
     def fetched(key: CredentialKey, token: Token) -> None:
+        rt.readiness.satisfy(rejected_condition(key.client))
         log.info(
             "token_fetched",
             client=key.client,
@@ -113,6 +119,8 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
 
     def failed(key: CredentialKey, exc: TokenError) -> None:
         if isinstance(exc, TokenRejectedError):
+            # A configuration error: readiness says so until a fetch for the client works.
+            rt.readiness.withdraw(rejected_condition(key.client))
             log.error(
                 "token_fetch_failed",
                 client=key.client,

@@ -254,6 +254,9 @@ async def test_idp_rejection_is_502_token_rejected_and_logged_once(stack: DevSta
                 assert resp.status == 502
                 assert body["code"] == "token_rejected"
         failures = proxy.log_events("token_fetch_failed")
+        async with client.get(f"{proxy.admin_url}/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["missing"] == ["client:basic accepted by the IdP"]
     assert failures[0]["oauth_error"] == "invalid_client"
     assert failures[0]["config_error"] is True
     assert len(failures) == 1  # the failure hold answers the next two without the IdP
