@@ -84,6 +84,11 @@ def canonical_port(scheme: str, port: int | None) -> int | None:
     return None if port == DEFAULT_PORTS.get(scheme) else port
 
 
+def secure_or_loopback(scheme: str, host: str | None) -> bool:
+    """https anywhere, plain http only to loopback: the rule for IdP endpoints."""
+    return scheme == "https" or (scheme == "http" and host is not None and is_loopback(host))
+
+
 def is_loopback(host: str) -> bool:
     """True for localhost names and loopback IP literals (127.0.0.0/8, ::1)."""
     if host == "localhost" or host.endswith(".localhost"):

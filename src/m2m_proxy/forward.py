@@ -35,7 +35,6 @@ class Exchange:
     route: str = "-"
     token: str = "none"  # none | hit | refresh_ahead | miss
     replayed: str = "no"  # no | recovered | still_401 | not_replayable
-    upstream_status: int = 0
     error: str = ""  # set when the exchange failed after the response started
 
 
@@ -145,7 +144,6 @@ class Forwarder:
                 exchange.replayed = "still_401" if resp.status == 401 else "recovered"
             else:
                 exchange.replayed = "not_replayable"
-        exchange.upstream_status = resp.status
         return await self._stream_back(request, resp, via, exchange)
 
     async def _send(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from m2m_proxy.authority import effective_port
 from m2m_proxy.config import RouteConfig
 from m2m_proxy.target import Target
 
@@ -59,7 +60,7 @@ def _first_match(candidates: tuple[RouteConfig, ...], target: Target) -> RouteCo
         if route.port is None:
             if target.port is not None:
                 continue
-        elif route.port != (target.port or (443 if target.scheme == "https" else 80)):
+        elif route.port != effective_port(target.scheme, target.port):
             continue
         prefix = route.path_prefix
         if prefix:

@@ -11,6 +11,7 @@ from m2m_proxy.authority import (
     is_loopback,
     normalize_host,
     parse_port,
+    secure_or_loopback,
     split_authority,
 )
 
@@ -116,3 +117,18 @@ def test_default_ports_canonicalise_to_none_per_scheme() -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    ("scheme", "host", "allowed"),
+    [
+        ("https", "idp.example.com", True),
+        ("http", "127.0.0.1", True),
+        ("http", "localhost", True),
+        ("http", "idp.example.com", False),
+        ("http", None, False),
+        ("ftp", "127.0.0.1", False),
+    ],
+)
+def test_idp_urls_are_https_or_loopback(scheme: str, host: str | None, allowed: bool) -> None:
+    assert secure_or_loopback(scheme, host) is allowed

@@ -363,17 +363,6 @@ async def test_a_valid_token_is_served_while_the_idp_is_down_until_it_expires(
         await cache.obtain(KEY)
 
 
-async def test_clear_drops_tokens_and_failure_holds(cache: TokenCache, fetch: FakeFetch) -> None:
-    await cache.obtain(KEY)
-    fetch.outcomes = [TokenUnavailableError("idp down")]
-    with pytest.raises(TokenUnavailableError):
-        await cache.obtain(OTHER)
-    cache.clear()
-    assert cache.peek(KEY) is None
-    await cache.obtain(OTHER)
-    assert len(fetch.calls) == 3
-
-
 async def test_close_cancels_an_in_flight_fetch(cache: TokenCache, fetch: FakeFetch) -> None:
     fetch.gate.clear()
     waiter = spawn(cache.obtain(KEY))

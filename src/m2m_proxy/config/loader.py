@@ -17,7 +17,12 @@ from urllib.parse import urlsplit
 from publicsuffixlist import PublicSuffixList
 from pydantic import BaseModel, ValidationError
 
-from m2m_proxy.authority import AuthorityError, is_loopback, split_authority
+from m2m_proxy.authority import (
+    AuthorityError,
+    effective_port,
+    secure_or_loopback,
+    split_authority,
+)
 from m2m_proxy.config.model import (
     Address,
     AuthMethod,
@@ -354,7 +359,7 @@ class _Checker:
             return
         if parts.username or parts.password or parts.fragment:
             self.problem(path, "must not carry user:password@ or a #fragment; remove them")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
+        if not secure_or_loopback(parts.scheme, parts.hostname):
             self.problem(
                 path,
                 "must be https (client secrets would travel in cleartext); "
@@ -539,8 +544,7 @@ class _Checker:
         except AuthorityError as exc:
             self.problem(path, f"{exc}; {hint}")
             return None
-        default = 443 if parts.scheme == "https" else 80
-        return Origin(parts.scheme, host, default if port is None else port)
+        return Origin(parts.scheme, host, effective_port(parts.scheme, port))
 
     def _scope(self, path: Path, scope: str | list[str] | None) -> tuple[str, ...]:
         if scope is None:

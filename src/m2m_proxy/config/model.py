@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from m2m_proxy.authority import effective_port
+
 
 @dataclass(frozen=True, slots=True)
 class Secret:
@@ -58,7 +60,7 @@ class Origin:
 
     def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
+        default = effective_port(self.scheme, None)
         authority = host if self.port == default else f"{host}:{self.port}"
         object.__setattr__(self, "authority", authority)
         object.__setattr__(self, "base_url", f"{self.scheme}://{host}:{self.port}")

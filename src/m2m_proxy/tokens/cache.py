@@ -137,10 +137,6 @@ class TokenCache:
             return True
         return False
 
-    def clear(self) -> None:
-        self._tokens.clear()
-        self._failures.clear()
-
     async def close(self) -> None:
         await self._tasks.cancel_all()
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from m2m_proxy.authority import is_loopback
+from m2m_proxy.authority import secure_or_loopback
 from m2m_proxy.errors import TokenResponseInvalidError
 
 MAX_DOCUMENT_BYTES = 256 * 1024
@@ -111,9 +111,7 @@ def _token_endpoint_of(document: dict[str, object], issuer: str, url: str) -> st
             f"the discovery document at {url} has no token_endpoint; set token_url instead"
         )
     parts = urlsplit(endpoint)
-    if parts.scheme != "https" and not (
-        parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname)
-    ):
+    if not secure_or_loopback(parts.scheme, parts.hostname):
         raise TokenResponseInvalidError(
             f"the discovery document at {url} names a token_endpoint that is not https"
         )
