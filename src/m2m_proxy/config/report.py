@@ -1,0 +1,50 @@
+"""Reporter: the base of the routes-file checks, recording problems with their marks.
+
+Shared by the client and route checks: ``problem`` (one per field, with the file
+position) and the ``token_params`` rule that clients and routes have in common.
+"""
+
+from __future__ import annotations
+
+from m2m_proxy.config.source import Path, Problem, SourceDocument, format_path
+
+# Form parameters the proxy sets itself; token_params may not override them.
+RESERVED_TOKEN_PARAMS = frozenset(
+    {
+        "grant_type",
+        "client_id",
+        "client_secret",
+        "scope",
+        "audience",
+        "resource",
+        "client_assertion",
+        "client_assertion_type",
+    }
+)
+
+
+class Reporter:
+    """Collects :class:`Problem` values for one file; the checks build on it."""
+
+    def __init__(self, file: str, doc: SourceDocument) -> None:
+        self._file = file
+        self._doc = doc
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Path, message: str, *, key: bool = False) -> None:
+        shown = format_path(path)
+        if any(p.path == shown for p in (*self._doc.problems, *self.problems)):
+            return  # one problem per field: the first is the cause, later ones its echo
+        mark = self._doc.mark_for(path, key=key)
+        self.problems.append(Problem(self._file, mark, shown, message))
+
+    def _token_params(self, path: Path, params: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        for name in params:
+            if name in RESERVED_TOKEN_PARAMS:
+                self.problem(
+                    (*path, name),
+                    "is set by the proxy itself; use the route's or "
+                    "client's dedicated field instead",
+                    key=True,
+                )
+        return tuple(sorted(params.items()))
