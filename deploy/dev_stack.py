@@ -25,11 +25,13 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -97,10 +99,34 @@ def terminate(proc: subprocess.Popen[Any], grace_s: float = STOP_GRACE_S) -> Non
             proc.wait()
 
 
-def _http_json(method: str, url: str) -> Any:
-    request = urllib.request.Request(url, method=method)  # noqa: S310 - http://127.0.0.1 only
+def _loopback_opener(ca_file: Path | None) -> urllib.request.OpenerDirector:
+    """No HTTP_PROXY; https (the test IdP with IDP_TLS_CERT_FILE) trusts only ``ca_file``."""
+    if ca_file is None:
+        return _OPENER
     try:
-        with _OPENER.open(request, timeout=10) as response:
+        context = ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as err:
+        raise DevStackError(f"cannot load tls_ca_file {ca_file}: {err}") from err
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+
+
+def _http_json(
+    method: str,
+    url: str,
+    *,
+    opener: urllib.request.OpenerDirector = _OPENER,
+    payload: object = None,
+) -> Any:
+    """``method url`` (with ``payload`` as a JSON body if given); the parsed JSON answer."""
+    data = None if payload is None else json.dumps(payload).encode("utf-8")
+    headers = {} if data is None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(  # noqa: S310 - http(s)://127.0.0.1 only
+        url, data=data, headers=headers, method=method
+    )
+    try:
+        with opener.open(request, timeout=10) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
         body = err.read().decode("utf-8", "replace")
@@ -228,6 +254,14 @@ class DevStack:
     those variables from ``env`` / the environment) apply. ``env`` is added to the inherited
     environment of both processes (e.g. DEV_CLIENT_SECRET). ``api_audience`` defaults to the
     first ``resources`` key when resources are given. Port 0 means an ephemeral port.
+
+    mTLS (RFC 8705, tests only): ``tls_cert_file`` / ``tls_key_file`` (PEM, for 127.0.0.1)
+    become IDP_TLS_CERT_FILE / IDP_TLS_KEY_FILE: the issuer is then https and a second
+    listener (``mtls_token_url``) asks for client certificates. ``tls_client_ca_file``
+    (IDP_TLS_CLIENT_CA_FILE) is the CA that tls_client_auth certificates must chain to.
+    ``tls_ca_file``, required with ``tls_cert_file``, is the CA that signed the IdP's server
+    certificate: the /__test helpers trust it, and so does the demo API (NODE_EXTRA_CA_CERTS)
+    when it fetches the IdP's JWKS.
     """
 
     def __init__(  # noqa: PLR0917 - positional signature shared with the test suite
@@ -235,7 +269,7 @@ class DevStack:
         root: Path,
         idp_port: int = 0,
         api_port: int = 0,
-        clients: list[dict[str, str]] | None = None,
+        clients: list[dict[str, Any]] | None = None,
         resources: dict[str, dict[str, object]] | None = None,
         token_ttl_s: int | None = None,
         env: dict[str, str] | None = None,
@@ -244,7 +278,17 @@ class DevStack:
         api_required_scope: str | None = None,
         node: str = "node",
         echo_logs: bool = False,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        tls_client_ca_file: Path | None = None,
+        tls_ca_file: Path | None = None,
     ) -> None:
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if tls_cert_file is None and (tls_client_ca_file or tls_ca_file) is not None:
+            raise ValueError("tls_client_ca_file and tls_ca_file need tls_cert_file")
+        if tls_cert_file is not None and tls_ca_file is None:
+            raise ValueError("tls_cert_file needs tls_ca_file (the CA that signed it)")
         self.root = root
         self.idp_port = idp_port
         self.api_port = api_port
@@ -256,10 +300,17 @@ class DevStack:
         self.api_required_scope = api_required_scope
         self.node = node
         self.echo_logs = echo_logs
+        # Absolute: the node processes run in deploy/dev-idp.
+        self.tls_cert_file = tls_cert_file and tls_cert_file.resolve()
+        self.tls_key_file = tls_key_file and tls_key_file.resolve()
+        self.tls_client_ca_file = tls_client_ca_file and tls_client_ca_file.resolve()
+        self.tls_ca_file = tls_ca_file and tls_ca_file.resolve()
+        self._opener = _OPENER
         self._idp: _NodeProcess | None = None
         self._api: _NodeProcess | None = None
         self._issuer: str | None = None
         self._token_url: str | None = None
+        self._mtls_token_url: str | None = None
         self._api_url: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -273,6 +324,7 @@ class DevStack:
             raise DevStackError(f"{self.node!r} not found on PATH (Node.js 20+ is required)")
         directory = dev_idp_dir(self.root)
         base_env = {**os.environ, **self.env}
+        self._opener = _loopback_opener(self.tls_ca_file)
         try:
             self._idp = _NodeProcess(
                 "idp",
@@ -285,6 +337,8 @@ class DevStack:
             ready = self._idp.wait_ready(READY_TIMEOUT_S)
             self._issuer = str(ready["issuer"])
             self._token_url = str(ready["token_url"])
+            mtls_token_url = ready.get("mtls_token_url")
+            self._mtls_token_url = None if mtls_token_url is None else str(mtls_token_url)
             self._api = _NodeProcess(
                 "demo-api",
                 argv=[node, "demo-api.js"],
@@ -325,6 +379,13 @@ class DevStack:
             env["IDP_RESOURCES"] = json.dumps(self.resources)
         if self.token_ttl_s is not None:
             env["IDP_TOKEN_TTL_S"] = str(self.token_ttl_s)
+        for name, path in (
+            ("IDP_TLS_CERT_FILE", self.tls_cert_file),
+            ("IDP_TLS_KEY_FILE", self.tls_key_file),
+            ("IDP_TLS_CLIENT_CA_FILE", self.tls_client_ca_file),
+        ):
+            if path is not None:
+                env[name] = str(path)
         return env
 
     def _api_env(self, issuer: str) -> dict[str, str]:
@@ -336,6 +397,9 @@ class DevStack:
             env["DEMO_AUDIENCE"] = audience
         if self.api_required_scope is not None:
             env["DEMO_REQUIRED_SCOPE"] = self.api_required_scope
+        if self.tls_ca_file is not None:
+            # An https issuer: demo-api.js fetches discovery and JWKS with Node's fetch.
+            env["NODE_EXTRA_CA_CERTS"] = str(self.tls_ca_file)
         return env
 
     # -- addresses ------------------------------------------------------------------------
@@ -347,6 +411,12 @@ class DevStack:
     @property
     def token_url(self) -> str:
         return self._started(self._token_url)
+
+    @property
+    def mtls_token_url(self) -> str | None:
+        """The token endpoint of the mTLS listener, or None without ``tls_cert_file``."""
+        self._started(self._issuer)
+        return self._mtls_token_url
 
     @property
     def api_url(self) -> str:
@@ -381,15 +451,25 @@ class DevStack:
 
     def token_requests(self) -> list[dict[str, Any]]:
         """Every request the IdP's token endpoint received since start / the last reset()."""
-        data = _http_json("GET", f"{self.issuer}/__test/token-requests")
+        data = _http_json("GET", f"{self.issuer}/__test/token-requests", opener=self._opener)
         if not isinstance(data, list):
             raise DevStackError(f"unexpected token-requests answer: {data!r}")
         return data
 
     def reset(self) -> None:
         """Clear the IdP's request log and the API's counters and revocations."""
-        _http_json("POST", f"{self.issuer}/__test/reset")
+        _http_json("POST", f"{self.issuer}/__test/reset", opener=self._opener)
         _http_json("POST", f"{self.api_url}/__test/reset")
+
+    def rotate_secret(self, client_id: str, secret: str) -> None:
+        """Replace a client's secret at the IdP; from now on only ``secret`` authenticates it."""
+        quoted = urllib.parse.quote(client_id, safe="")
+        _http_json(
+            "POST",
+            f"{self.issuer}/__test/clients/{quoted}/secret",
+            opener=self._opener,
+            payload={"client_secret": secret},
+        )
 
     def revoke_current(self) -> str:
         """Revoke the most recently accepted token at the API; returns its jti."""

@@ -24,9 +24,11 @@ from m2m_proxy.handler import ProxyHandler
 from m2m_proxy.logs import Logs
 from m2m_proxy.prefetch import Prefetcher
 from m2m_proxy.routing import RouteTable
+from m2m_proxy.tasks import TaskSet
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.client import TokenClient
 from m2m_proxy.tokens.discovery import Discovery
+from m2m_proxy.tokens.material import ClientMaterial, MaterialChange
 from m2m_proxy.tokens.model import CredentialKey, Token, TokenGrant
 
 LISTENING = "proxy_listener"
@@ -46,6 +48,7 @@ class Runtime:
     readiness: Readiness
     upstream_session: aiohttp.ClientSession | None = None
     tokens: TokenCache | None = None
+    material: ClientMaterial | None = None
     proxy_runner: web.ServerRunner | None = None
     proxy_port: int | None = None
 
@@ -90,14 +93,30 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=settings.token_timeout_s),
         trust_env=False,
     )
+    log = rt.logs.events
+
+    def material_changed(change: MaterialChange) -> None:
+        dropped = rt.tokens.forget_client(change.client, change.fingerprint) if rt.tokens else 0
+        log.info(
+            "client_credentials_changed",
+            client=change.client,
+            fingerprint=change.fingerprint,
+            tokens_dropped=dropped,
+        )
+
+    def material_problem(client: str, detail: str) -> None:
+        log.warning("client_credentials_unreadable", client=client, detail=detail)
+
+    material = ClientMaterial(
+        rt.config.clients, on_change=material_changed, on_problem=material_problem
+    )
     client = TokenClient(
         idp_session,
-        rt.config.clients,
+        material,
         timeout_s=settings.token_timeout_s,
         retries=settings.token_retries,
         discovery=Discovery(idp_session),
     )
-    log = rt.logs.events
 
     def fetched(key: CredentialKey, token: Token) -> None:
         rt.readiness.satisfy(rejected_condition(key.client))
@@ -149,7 +168,12 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         rt.readiness,
     )
     prefetcher.start()
+    watcher = TaskSet()
+    if material.has_files:
+        watcher.start(material.watch(settings.credential_files_check_s), name="credential-files")
+    rt.material = material
     yield
+    await watcher.cancel_all()
     await prefetcher.close()
     await rt.tokens.close()
     await idp_session.close()
@@ -260,7 +284,7 @@ async def fetch_token(config: Config, spec: CredentialKey) -> TokenGrant:
     ) as session:
         client = TokenClient(
             session,
-            config.clients,
+            ClientMaterial(config.clients),
             timeout_s=settings.token_timeout_s,
             retries=settings.token_retries,
             discovery=Discovery(session),

@@ -190,7 +190,7 @@ def test_unknown_nested_key_suggests_the_close_one(text: str, expected: str) -> 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     assert problems("proxy:\n  zzz: 1\n") == [
         "routes.yaml:2:3: proxy.zzz: unknown key 'zzz'; known keys: admin_listen, "
-        "connect_timeout_s, idle_timeout_s, listen, log_level, name, "
+        "connect_timeout_s, credential_files_check_s, idle_timeout_s, listen, log_level, name, "
         "replay_body_limit_bytes, shutdown_grace_s, token_default_lifetime_s, "
         "token_failure_hold_max_s, token_failure_hold_s, token_retries, token_skew_s, "
         "token_timeout_s, unmatched"

@@ -427,3 +427,51 @@ async def test_an_idp_retry_after_and_a_rejection_hold_longer(
     with pytest.raises(TokenRejectedError):
         await cache.obtain(OTHER)
     assert len(fetch.calls) == 2  # held: no new request to the IdP
+
+
+# --- credentials that change -------------------------------------------------------
+
+
+async def test_forget_client_drops_only_that_clients_tokens(
+    cache: TokenCache, fetch: FakeFetch
+) -> None:
+    await cache.obtain(KEY)
+    other = await cache.obtain(OTHER)
+    assert cache.forget_client("orders", "fp-2") == 1
+    assert cache.current(KEY) is None
+    assert cache.current(OTHER) is other
+    assert cache.forget_client("orders", "fp-2") == 0
+
+
+async def test_forget_client_ends_a_held_failure(cache: TokenCache, fetch: FakeFetch) -> None:
+    fetch.outcomes = [
+        TokenRejectedError("invalid_client", oauth_error="invalid_client"),
+        TokenGrant("tok-2", 300.0, fingerprint="fp-new"),
+    ]
+    with pytest.raises(TokenRejectedError):
+        await cache.obtain(KEY)
+    with pytest.raises(TokenRejectedError):
+        await cache.obtain(KEY)  # held: no second fetch
+    assert len(fetch.calls) == 1
+    cache.forget_client("orders", "fp-new")  # the secret was rotated: try again at once
+    token = await cache.obtain(KEY)
+    assert token.authorization == "Bearer tok-2"
+
+
+async def test_a_fetch_made_with_the_old_credentials_is_not_cached(
+    cache: TokenCache, fetch: FakeFetch
+) -> None:
+    fetch.gate.clear()
+    fetch.outcomes = [
+        TokenGrant("minted-with-old", 300.0, fingerprint="fp-old"),
+        TokenGrant("minted-with-new", 300.0, fingerprint="fp-new"),
+    ]
+    waiter = spawn(cache.obtain(KEY))
+    await settle()
+    cache.forget_client("orders", "fp-new")  # rotated while the fetch was under way
+    fetch.gate.set()
+    token = await waiter
+    assert token.authorization == "Bearer minted-with-new"
+    assert token.fingerprint == "fp-new"
+    assert len(fetch.calls) == 2
+    assert cache.current(KEY) is token

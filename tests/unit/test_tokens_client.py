@@ -11,8 +11,9 @@ import base64
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote_plus
 
 import aiohttp
@@ -28,6 +29,7 @@ from m2m_proxy.errors import (
     TokenUnavailableError,
 )
 from m2m_proxy.tokens.client import TokenClient, build_request
+from m2m_proxy.tokens.material import ClientMaterial
 
 TRICKY_SECRET = "p:s+ %é/="
 TOKEN_URL = "https://idp.example.com/token"
@@ -155,6 +157,7 @@ class FakeIdp:
         self.redirect_hits = 0
         self.released = asyncio.Event()
         self.base = ""
+        self.after_answer: Callable[[], None] | None = None
 
     @property
     def token_url(self) -> str:
@@ -168,6 +171,8 @@ class FakeIdp:
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if answer.hang:
             await self.released.wait()
+        if self.after_answer is not None:
+            self.after_answer()
         return web.Response(
             status=answer.status,
             text=answer.body,
@@ -209,7 +214,8 @@ def token_client(
     timeout_s: float = 5.0,
     retries: int = 2,
 ) -> TokenClient:
-    return TokenClient(session, {"orders": config}, timeout_s=timeout_s, retries=retries)
+    material = ClientMaterial({"orders": config})
+    return TokenClient(session, material, timeout_s=timeout_s, retries=retries)
 
 
 async def test_fetch_sends_the_basic_header_and_form_the_idp_receives(
@@ -444,3 +450,68 @@ async def test_rotation_does_not_try_other_secrets_for_other_rejections(
     with pytest.raises(TokenRejectedError):
         await token_client(session, config, retries=0).fetch(CredentialSpec(client="orders"))
     assert len(idp.received) == 1
+
+
+# --- credentials from files that change ------------------------------------------------
+
+
+def file_client(token_url: str, secret_file: Path) -> ClientConfig:
+    return replace(
+        client_config(
+            token_url=token_url,
+            method=AuthMethod.CLIENT_SECRET_POST,
+            secret=secret_file.read_text(),
+        ),
+        secret_files=(str(secret_file),),
+    )
+
+
+async def test_a_changed_secret_file_is_used_by_the_next_fetch(
+    idp: FakeIdp, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("old")
+    client = token_client(session, file_client(idp.token_url, secret_file), retries=0)
+    first = await client.fetch(CredentialSpec(client="orders"))
+    secret_file.write_text("new-and-longer")
+    second = await client.fetch(CredentialSpec(client="orders"))
+    assert [r.form["client_secret"] for r in idp.received] == ["old", "new-and-longer"]
+    assert first.fingerprint != second.fingerprint
+
+
+async def test_invalid_client_rereads_the_file_once_and_retries(
+    idp: FakeIdp, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The IdP switched to the new secret a moment before the file changed on disk."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("old")
+    rejected = Answer(401, json.dumps({"error": "invalid_client"}))
+    idp.answers = [rejected, Answer()]
+
+    def rotate() -> None:  # the new file lands after the proxy read the old one
+        secret_file.write_text("rotated")
+
+    idp.after_answer = rotate
+    client = token_client(session, file_client(idp.token_url, secret_file), retries=0)
+    grant = await client.fetch(CredentialSpec(client="orders"))
+    assert grant.access_token == "tok-1"
+    assert [r.form["client_secret"] for r in idp.received] == ["old", "rotated"]
+
+
+async def test_invalid_client_with_unchanged_files_is_not_retried(
+    idp: FakeIdp, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("old")
+    idp.answers = [Answer(401, json.dumps({"error": "invalid_client"}))]
+    client = token_client(session, file_client(idp.token_url, secret_file), retries=0)
+    with pytest.raises(TokenRejectedError):
+        await client.fetch(CredentialSpec(client="orders"))
+    assert len(idp.received) == 1
+
+
+def test_tls_client_auth_sends_only_the_client_id() -> None:
+    config = replace(client_config(), client_secret=None, auth_method=AuthMethod.TLS_CLIENT_AUTH)
+    form, headers = build_request(config, CredentialSpec(client="orders", scope=("read",)))
+    assert form == {"grant_type": "client_credentials", "client_id": "orders-id", "scope": "read"}
+    assert "Authorization" not in headers

@@ -4,6 +4,7 @@ from m2m_proxy.config.loader import ConfigError, load_config, parse_config
 from m2m_proxy.config.model import (
     Address,
     AuthMethod,
+    ClientCertificate,
     ClientConfig,
     Config,
     CredentialSpec,
@@ -19,6 +20,7 @@ from m2m_proxy.config.source import Problem
 __all__ = [
     "Address",
     "AuthMethod",
+    "ClientCertificate",
     "ClientConfig",
     "Config",
     "ConfigError",

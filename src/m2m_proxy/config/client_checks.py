@@ -11,6 +11,7 @@ from m2m_proxy.authority import (
 )
 from m2m_proxy.config.model import (
     AuthMethod,
+    ClientCertificate,
     ClientConfig,
     Secret,
     SigningKey,
@@ -19,6 +20,10 @@ from m2m_proxy.config.report import Reporter
 from m2m_proxy.config.schema import ClientSection
 from m2m_proxy.config.source import Path
 from m2m_proxy.keys import SigningKeyError, check_alg
+from m2m_proxy.tls import TlsMaterialError, client_context
+
+_SECRET_FIELDS = ("client_secret", "client_secret_file")
+_JWT_FIELDS = ("private_key_file", "key_id", "signing_alg", "client_assertion_file")
 
 
 class ClientChecks(Reporter):
@@ -26,43 +31,47 @@ class ClientChecks(Reporter):
 
     def _client(self, name: str, section: ClientSection) -> ClientConfig | None:
         base: Path = ("clients", name)
-        if (section.token_url is None) == (section.issuer is None):
-            self.problem(
-                base,
-                "set exactly one of token_url or issuer (the token endpoint is then discovered)",
-            )
-        if section.token_url is not None:
-            self._check_token_url((*base, "token_url"), section.token_url)
-        if section.issuer is not None:
-            self._check_token_url((*base, "issuer"), section.issuer)
+        self._endpoint(base, section)
         method = AuthMethod(section.auth_method)
         params = self._token_params((*base, "token_params"), section.token_params)
+        certificate = self._certificate(base, section, method)
+        ca_file = self._ca_file((*base, "ca_file"), section.ca_file)
         fallbacks: tuple[Secret, ...] = ()
-        assertion_file = None
-        if method is AuthMethod.PRIVATE_KEY_JWT and section.client_assertion_file is not None:
-            secret, key = None, None
+        secret_files: tuple[str, ...] = ()
+        secret, key, assertion_file = None, None, None
+        if method.uses_certificate:
+            self._unused(
+                base,
+                section,
+                _SECRET_FIELDS + _JWT_FIELDS,
+                f"is not used with {method.value}; remove it",
+            )
+            if certificate is None:
+                return None
+        elif method is AuthMethod.PRIVATE_KEY_JWT and section.client_assertion_file is not None:
             assertion_file = self._assertion_file(base, section)
             if assertion_file is None:
                 return None
         elif method is AuthMethod.PRIVATE_KEY_JWT:
-            secret = None
             key = self._signing_key(base, section)
             if key is None:
                 return None
         else:
-            key = None
-            for field in ("private_key_file", "key_id", "signing_alg", "client_assertion_file"):
-                if getattr(section, field) is not None:
-                    self.problem(
-                        (*base, field),
-                        f"is only used with auth_method: "
-                        f"private_key_jwt, not {method.value}; remove it",
-                        key=True,
-                    )
+            self._unused(
+                base,
+                section,
+                _JWT_FIELDS,
+                f"is only used with auth_method: private_key_jwt, not {method.value}; remove it",
+            )
             secrets = self._secrets(base, section)
             if secrets is None:
                 return None
             secret, fallbacks = secrets[0], tuple(secrets[1:])
+            secret_files = tuple(_as_list(section.client_secret_file))
+        if section.client_cert_file is not None and certificate is None:
+            return None
+        if section.ca_file is not None and ca_file is None:
+            return None
         return ClientConfig(
             name=name,
             token_url=section.token_url,
@@ -76,37 +85,74 @@ class ClientChecks(Reporter):
             assertion_file=assertion_file,
             prefetch=section.prefetch,
             assertion_typ=section.assertion_typ,
+            secret_files=secret_files,
+            certificate=certificate,
+            ca_file=ca_file,
         )
+
+    def _endpoint(self, base: Path, section: ClientSection) -> None:
+        if (section.token_url is None) == (section.issuer is None):
+            self.problem(
+                base,
+                "set exactly one of token_url or issuer (the token endpoint is then discovered)",
+            )
+        if section.token_url is not None:
+            self._check_token_url((*base, "token_url"), section.token_url)
+        if section.issuer is not None:
+            self._check_token_url((*base, "issuer"), section.issuer)
+
+    def _unused(
+        self, base: Path, section: ClientSection, fields: tuple[str, ...], message: str
+    ) -> None:
+        for field in fields:
+            if getattr(section, field) is not None:
+                self.problem((*base, field), message, key=True)
+
+    def _certificate(
+        self, base: Path, section: ClientSection, method: AuthMethod
+    ) -> ClientCertificate | None:
+        """The TLS client certificate, checked loadable; required by the tls_* methods."""
+        cert, key = section.client_cert_file, section.client_key_file
+        if cert is None and key is None:
+            if method.uses_certificate:
+                self.problem(
+                    base,
+                    f"{method.value} needs client_cert_file and client_key_file: the PEM "
+                    "certificate the IdP knows this client by, and its private key",
+                )
+            return None
+        if cert is None or key is None:
+            missing = "client_cert_file" if cert is None else "client_key_file"
+            self.problem(base, f"set {missing} too: the certificate and its key go together")
+            return None
+        certificate = ClientCertificate(cert_file=cert, key_file=key)
+        try:
+            client_context(certificate=certificate)
+        except TlsMaterialError as exc:
+            self.problem((*base, "client_cert_file"), str(exc))
+            return None
+        return certificate
 
     def _assertion_file(self, base: Path, section: ClientSection) -> str | None:
         """An externally made assertion: checked readable now, read again per request."""
-        for field in (
-            "client_secret",
-            "client_secret_file",
-            "private_key_file",
-            "key_id",
-            "signing_alg",
-        ):
-            if getattr(section, field) is not None:
-                self.problem(
-                    (*base, field),
-                    "is not used with client_assertion_file (the "
-                    "assertion is already signed); remove it",
-                    key=True,
-                )
+        self._unused(
+            base,
+            section,
+            (*_SECRET_FIELDS, "private_key_file", "key_id", "signing_alg"),
+            "is not used with client_assertion_file (the assertion is already signed); remove it",
+        )
         path = (*base, "client_assertion_file")
         if self._read_secret_file(path, section.client_assertion_file) is None:
             return None
         return section.client_assertion_file
 
     def _signing_key(self, base: Path, section: ClientSection) -> SigningKey | None:
-        for field in ("client_secret", "client_secret_file"):
-            if getattr(section, field) is not None:
-                self.problem(
-                    (*base, field),
-                    "private_key_jwt signs with private_key_file and sends no secret; remove it",
-                    key=True,
-                )
+        self._unused(
+            base,
+            section,
+            _SECRET_FIELDS,
+            "private_key_jwt signs with private_key_file and sends no secret; remove it",
+        )
         if section.private_key_file is None:
             self.problem(
                 base,
@@ -123,7 +169,7 @@ class ClientChecks(Reporter):
         except SigningKeyError as exc:
             self.problem(path, f"{exc}; give an unencrypted PEM private key (RSA or EC P-256)")
             return None
-        return SigningKey(pem=pem, alg=alg, key_id=section.key_id)
+        return SigningKey(pem=pem, alg=alg, key_id=section.key_id, file=section.private_key_file)
 
     def _check_raw_client(self, name: str, item: Any) -> None:
         """Checks that do not need a valid section, so one bad field hides nothing."""

@@ -129,9 +129,25 @@ class _Checker(ClientChecks, RouteChecks):
             if route_section is None:
                 self._check_raw_route(index, item, set(client_data))
         routes = self._routes(sections, set(client_data))
+        self._check_client_certificates(sections, client_data)
         if proxy is None:
             return None
         return Config(source=self._file, proxy=proxy, clients=clients, routes=routes)
+
+    def _check_client_certificates(
+        self, sections: list[RouteSection | None], client_data: dict[str, Any]
+    ) -> None:
+        """``client_certificate: true`` needs a client that has a certificate."""
+        for index, section in enumerate(sections):
+            if section is None or not section.client_certificate:
+                continue
+            client = client_data.get(section.client)
+            if isinstance(client, dict) and client.get("client_cert_file") is None:
+                self.problem(
+                    ("routes", index, "client_certificate"),
+                    f"client '{section.client}' has no client_cert_file to present; "
+                    "add client_cert_file and client_key_file to it, or remove this",
+                )
 
     def _mapping_of(self, data: dict[str, Any], key: str) -> dict[str, Any]:
         value = data.get(key) or {}
@@ -164,6 +180,7 @@ class _Checker(ClientChecks, RouteChecks):
             token_failure_hold_max_s=section.token_failure_hold_max_s,
             log_level=section.log_level,
             shutdown_grace_s=section.shutdown_grace_s,
+            credential_files_check_s=section.credential_files_check_s,
         )
 
     def _address(self, path: Path, value: str | int) -> Address:

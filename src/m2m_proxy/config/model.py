@@ -30,6 +30,13 @@ class AuthMethod(StrEnum):
     CLIENT_SECRET_POST = "client_secret_post"
     CLIENT_SECRET_JWT = "client_secret_jwt"
     PRIVATE_KEY_JWT = "private_key_jwt"
+    TLS_CLIENT_AUTH = "tls_client_auth"
+    SELF_SIGNED_TLS_CLIENT_AUTH = "self_signed_tls_client_auth"
+
+    @property
+    def uses_certificate(self) -> bool:
+        """RFC 8705 §2: the client authenticates with its TLS certificate."""
+        return self in (AuthMethod.TLS_CLIENT_AUTH, AuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH)
 
 
 class Unmatched(StrEnum):
@@ -83,6 +90,7 @@ class ProxySettings:
     token_failure_hold_max_s: float
     log_level: str
     shutdown_grace_s: float
+    credential_files_check_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,16 @@ class SigningKey:
     pem: Secret
     alg: str
     key_id: str | None = None
+    file: str | None = None
+    """Where ``pem`` was read from; re-read when it changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A TLS client certificate (RFC 8705): PEM files, read when a TLS context is built."""
+
+    cert_file: str
+    key_file: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +135,23 @@ class ClientConfig:
     assertion_typ: str = "JWT"
     """The ``typ`` header of client assertions (some IdPs want another, e.g.
     ``client-authentication+jwt``)."""
+    secret_files: tuple[str, ...] = ()
+    """When the secrets came from files: the file of each of (client_secret,
+    *fallback_secrets), re-read when it changes."""
+    certificate: ClientCertificate | None = None
+    """Presented to the token endpoint (and to upstreams of routes that ask for it)."""
+    ca_file: str | None = None
+    """CA bundle trusted for the token endpoint, in addition to the system store."""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file this client's credentials come from (watched for changes)."""
+        files = list(self.secret_files)
+        if self.signing_key is not None and self.signing_key.file is not None:
+            files.append(self.signing_key.file)
+        if self.certificate is not None:
+            files += (self.certificate.cert_file, self.certificate.key_file)
+        return tuple(files)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -154,6 +189,10 @@ class RouteConfig:
     path_prefix: str
     credential: CredentialSpec
     upstream: Origin | None = None
+    ca_file: str | None = None
+    """CA bundle trusted for this route's https upstream, besides the system store."""
+    client_certificate: bool = False
+    """Present the client's TLS certificate upstream (certificate-bound tokens, RFC 8705 §3)."""
 
     @property
     def is_wildcard(self) -> bool:

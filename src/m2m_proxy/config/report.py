@@ -1,12 +1,14 @@
 """Reporter: the base of the routes-file checks, recording problems with their marks.
 
 Shared by the client and route checks: ``problem`` (one per field, with the file
-position) and the ``token_params`` rule that clients and routes have in common.
+position) and the ``token_params`` and ``ca_file`` rules that clients and routes have
+in common.
 """
 
 from __future__ import annotations
 
 from m2m_proxy.config.source import Path, Problem, SourceDocument, format_path
+from m2m_proxy.tls import TlsMaterialError, client_context
 
 # Form parameters the proxy sets itself; token_params may not override them.
 RESERVED_TOKEN_PARAMS = frozenset(
@@ -48,3 +50,13 @@ class Reporter:
                     key=True,
                 )
         return tuple(sorted(params.items()))
+
+    def _ca_file(self, path: Path, file: str | None) -> str | None:
+        if file is None:
+            return None
+        try:
+            client_context(ca_file=file)
+        except TlsMaterialError as exc:
+            self.problem(path, str(exc))
+            return None
+        return file

@@ -78,6 +78,9 @@ class RouteChecks(Reporter):
             self.problem((*base, "client"), _unknown_client_message(section.client, clients))
         scope = self._scope((*base, "scope"), section.scope)
         params = self._token_params((*base, "token_params"), section.token_params)
+        ca_file = self._ca_file((*base, "ca_file"), section.ca_file)
+        if section.ca_file is not None and ca_file is None:
+            return None
         if pattern is None or prefix is None or section.client not in clients:
             return None
         host, port = pattern
@@ -96,6 +99,8 @@ class RouteChecks(Reporter):
             path_prefix=prefix,
             credential=credential,
             upstream=upstream,
+            ca_file=ca_file,
+            client_certificate=section.client_certificate,
         )
 
     def _host_pattern(self, path: Path, text: str) -> tuple[str, int | None] | None:

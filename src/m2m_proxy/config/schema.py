@@ -61,6 +61,12 @@ class ProxySection(_Section):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, time given to in-flight requests."
     )
+    credential_files_check_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often secret, key and certificate files are checked for changes "
+        "(they are also checked before every token request).",
+    )
 
 
 class ClientSection(_Section):
@@ -82,8 +88,25 @@ class ClientSection(_Section):
         None, description="A file holding the secret (a list during a rotation)."
     )
     auth_method: Literal[
-        "client_secret_basic", "client_secret_post", "client_secret_jwt", "private_key_jwt"
+        "client_secret_basic",
+        "client_secret_post",
+        "client_secret_jwt",
+        "private_key_jwt",
+        "tls_client_auth",
+        "self_signed_tls_client_auth",
     ] = "client_secret_basic"
+    client_cert_file: str | None = Field(
+        None,
+        description="PEM certificate (chain) presented to the token endpoint: needed by "
+        "tls_client_auth and self_signed_tls_client_auth, optional otherwise "
+        "(certificate-bound tokens).",
+    )
+    client_key_file: str | None = Field(None, description="PEM private key of client_cert_file.")
+    ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle trusted for the token endpoint and discovery, in "
+        "addition to the system store.",
+    )
     private_key_file: str | None = Field(
         None, description="private_key_jwt: PEM file of the RSA or EC P-256 private key."
     )
@@ -117,6 +140,16 @@ class RouteSection(_Section):
     token_params: dict[str, str] = Field(default_factory=dict)
     upstream: str | None = Field(
         None, description="scheme://host[:port] to send to instead (TLS origination, rewrite)."
+    )
+    ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle trusted for this route's https upstream, in addition "
+        "to the system store.",
+    )
+    client_certificate: bool = Field(
+        False,
+        description="Present the client's client_cert_file to the https upstream, so "
+        "certificate-bound tokens (RFC 8705 cnf.x5t#S256) are accepted.",
     )
 
 

@@ -6,6 +6,10 @@ still served while one background fetch replaces it. :meth:`obtain` is the slow
 path: every caller for the same credential awaits the same shielded fetch task,
 so a burst of N cold requests or N 401s costs one IdP call, and a caller that goes
 away never cancels it for the others.
+
+When a client's credentials change (:meth:`TokenCache.forget_client`, fed by
+:mod:`m2m_proxy.tokens.material`), its tokens are dropped, and a fetch that was
+already under way with the old credentials asks again instead of caching its token.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class TokenCache:
         self._tokens: dict[CredentialKey, Token] = {}
         self._failures: dict[CredentialKey, _Failure] = {}
         self._inflight: dict[CredentialKey, asyncio.Task[Token]] = {}
+        self._fingerprints: dict[str, str] = {}
         self._tasks = TaskSet()
 
     def peek(self, key: CredentialKey) -> Token | None:
@@ -137,13 +142,27 @@ class TokenCache:
             return True
         return False
 
+    def forget_client(self, client: str, fingerprint: str) -> int:
+        """The client's credentials are now ``fingerprint``: drop its tokens and held
+        failures (the new credentials deserve a fresh try); returns tokens dropped."""
+        self._fingerprints[client] = fingerprint
+        for held in [k for k in self._failures if k.client == client]:
+            del self._failures[held]
+        stale = [k for k in self._tokens if k.client == client]
+        for key in stale:
+            del self._tokens[key]
+        return len(stale)
+
     async def close(self) -> None:
         await self._tasks.cancel_all()
 
     async def _refresh(self, key: CredentialKey) -> Token:
-        sent_at = self._clock()
         try:
-            grant = await self._fetch(key)
+            for _ in range(2):  # a second try only if the credentials changed meanwhile
+                sent_at = self._clock()
+                grant = await self._fetch(key)
+                if self._fingerprints.get(key.client, grant.fingerprint) == grant.fingerprint:
+                    break
         except TokenError as exc:
             previous = self._failures.get(key)
             attempts = previous.attempts + 1 if previous is not None else 1

@@ -5,6 +5,10 @@ the Token* errors of :mod:`m2m_proxy.errors`. tenacity retries network errors, 5
 and 429 (honouring ``Retry-After``) with exponential backoff and jitter, never a
 400/401. The whole fetch, retries included, fits in ``timeout_s``. Redirects from
 the token endpoint are never followed.
+
+Credentials come from :class:`~m2m_proxy.tokens.material.ClientMaterial`, checked for
+changed files before every fetch; each grant carries the fingerprint of the material
+that obtained it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 from urllib.parse import quote_plus
 
@@ -35,6 +38,7 @@ from m2m_proxy.errors import (
 )
 from m2m_proxy.tokens.assertion import ASSERTION_TYPE, client_assertion
 from m2m_proxy.tokens.discovery import Discovery, DiscoveryUnavailableError
+from m2m_proxy.tokens.material import ClientMaterial
 from m2m_proxy.tokens.model import TokenGrant
 from m2m_proxy.tokens.response import MAX_BODY_BYTES, parse_success, rejection
 
@@ -58,7 +62,7 @@ class TokenClient:
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        clients: Mapping[str, ClientConfig],
+        material: ClientMaterial,
         *,
         timeout_s: float,
         retries: int,
@@ -67,22 +71,38 @@ class TokenClient:
         self._session = session
         self._active_secret: dict[str, int] = {}
         self._discovery = discovery if discovery is not None else Discovery(session)
-        self._clients = clients
+        self._material = material
         self._timeout_s = timeout_s
         self._retries = retries
 
     async def fetch(self, spec: CredentialSpec) -> TokenGrant:
         """Request a token for ``spec``; raise a TokenError subclass on failure.
 
-        During a secret rotation (``fallback_secrets``) an ``invalid_client`` answer
-        makes it try the client's other secrets in order; the one that works is
-        remembered and tried first from then on.
+        Changed credential files are read first. During a secret rotation
+        (``fallback_secrets``) an ``invalid_client`` answer makes it try the
+        client's other secrets in order; the one that works is remembered and tried
+        first from then on. If every secret is refused, the files are checked once
+        more (the IdP may have switched before the proxy saw the new file).
         """
-        client = self._clients[spec.client]
+        self._material.refresh()
+        fingerprint = self._material.fingerprint(spec.client)
+        try:
+            grant = await self._fetch_with_secrets(self._material.client(spec.client), spec)
+        except TokenRejectedError as exc:
+            if exc.oauth_error != "invalid_client":
+                raise
+            self._material.refresh()
+            if self._material.fingerprint(spec.client) == fingerprint:
+                raise
+            fingerprint = self._material.fingerprint(spec.client)
+            grant = await self._fetch_with_secrets(self._material.client(spec.client), spec)
+        return replace(grant, fingerprint=fingerprint)
+
+    async def _fetch_with_secrets(self, client: ClientConfig, spec: CredentialSpec) -> TokenGrant:
         secrets = (client.client_secret, *client.fallback_secrets)
         if len(secrets) == 1:
             return await self._fetch(client, spec)
-        start = self._active_secret.get(client.name, 0)
+        start = self._active_secret.get(client.name, 0) % len(secrets)
         order = [*range(start, len(secrets)), *range(start)]
         for tried, index in enumerate(order, start=1):
             try:
@@ -122,8 +142,11 @@ class TokenClient:
 
     async def _attempt(self, client: ClientConfig, spec: CredentialSpec) -> TokenGrant:
         """One token request; each attempt signs a fresh client assertion (new jti)."""
+        tls = self._material.idp_context(client.name)
         try:
-            url = client.token_url or await self._discovery.token_endpoint(str(client.issuer))
+            url = client.token_url or await self._discovery.token_endpoint(
+                str(client.issuer), mtls=client.certificate is not None, tls=tls
+            )
             assertion = None
             if client.assertion_file is not None:
                 assertion = read_assertion_file(client.assertion_file)
@@ -131,7 +154,11 @@ class TokenClient:
                 assertion = client_assertion(client, audience=client.issuer or url, now=time.time())
             form, headers = build_request(client, spec, assertion=assertion)
             async with self._session.post(
-                url, data=form, headers=headers, allow_redirects=False
+                url,
+                data=form,
+                headers=headers,
+                allow_redirects=False,
+                ssl=tls if tls is not None else True,
             ) as resp:
                 body = await resp.content.read(MAX_BODY_BYTES + 1)
                 status = resp.status
@@ -171,6 +198,9 @@ def build_request(
     if spec.resource:
         form["resource"] = spec.resource
     headers = {"Accept": "application/json"}
+    if client.auth_method.uses_certificate:
+        form["client_id"] = client.client_id  # RFC 8705 §2: the certificate authenticates
+        return form, headers
     if client.auth_method in JWT_METHODS:
         if assertion is None:
             raise ValueError(f"{client.auth_method.value} needs a client assertion")

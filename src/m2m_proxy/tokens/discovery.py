@@ -5,12 +5,15 @@ first, then RFC 8414 (``{origin}/.well-known/oauth-authorization-server{path}``)
 The document must name the configured issuer (RFC 8414 §3.3, a guard against
 metadata mix-ups) and a token endpoint that is https, or http on loopback. Results
 are cached per issuer for ``ttl_s``; failures are not cached here (the token cache
-holds failed fetches back).
+holds failed fetches back). A client that authenticates with its TLS certificate uses
+the document's ``mtls_endpoint_aliases.token_endpoint`` when there is one (RFC 8705
+§5): IdPs often ask for client certificates on a separate host or port.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -49,31 +52,43 @@ class Discovery:
         self._session = session
         self._ttl_s = ttl_s
         self._clock = clock
-        self._endpoints: dict[str, tuple[float, str]] = {}
+        self._endpoints: dict[str, tuple[float, str, str | None]] = {}
 
-    async def token_endpoint(self, issuer: str) -> str:
-        """The token endpoint of ``issuer``; raises DiscoveryUnavailableError or
-        TokenResponseInvalidError (the document is missing or wrong)."""
+    async def token_endpoint(
+        self, issuer: str, *, mtls: bool = False, tls: ssl.SSLContext | None = None
+    ) -> str:
+        """The token endpoint of ``issuer`` (its mTLS alias when ``mtls`` and there is
+        one); raises DiscoveryUnavailableError or TokenResponseInvalidError (the
+        document is missing or wrong). ``tls`` verifies the IdP (None: system store)."""
         cached = self._endpoints.get(issuer)
-        if cached is not None and self._clock() < cached[0]:
-            return cached[1]
+        if cached is None or self._clock() >= cached[0]:
+            cached = await self._discover(issuer, tls)
+            self._endpoints[issuer] = cached
+        _, endpoint, mtls_alias = cached
+        return mtls_alias if mtls and mtls_alias is not None else endpoint
+
+    async def _discover(
+        self, issuer: str, tls: ssl.SSLContext | None
+    ) -> tuple[float, str, str | None]:
         for url in metadata_urls(issuer):
-            document = await self._get(url)
+            document = await self._get(url, tls)
             if document is not None:
                 endpoint = _token_endpoint_of(document, issuer, url)
-                self._endpoints[issuer] = (self._clock() + self._ttl_s, endpoint)
-                return endpoint
+                return (self._clock() + self._ttl_s, endpoint, _mtls_alias_of(document, url))
         tried = " and ".join(metadata_urls(issuer))
         raise TokenResponseInvalidError(
             f"no discovery document for issuer {issuer} (tried {tried}); "
             "check the issuer or set token_url instead"
         )
 
-    async def _get(self, url: str) -> dict[str, object] | None:
+    async def _get(self, url: str, tls: ssl.SSLContext | None) -> dict[str, object] | None:
         """The JSON object at ``url``, or None for a 404/410."""
         try:
             async with self._session.get(
-                url, headers={"Accept": "application/json"}, allow_redirects=False
+                url,
+                headers={"Accept": "application/json"},
+                allow_redirects=False,
+                ssl=tls if tls is not None else True,
             ) as resp:
                 body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
                 status = resp.status
@@ -110,9 +125,28 @@ def _token_endpoint_of(document: dict[str, object], issuer: str, url: str) -> st
         raise TokenResponseInvalidError(
             f"the discovery document at {url} has no token_endpoint; set token_url instead"
         )
-    parts = urlsplit(endpoint)
+    return _checked_endpoint(endpoint, "token_endpoint", url)
+
+
+def _mtls_alias_of(document: dict[str, object], url: str) -> str | None:
+    aliases = document.get("mtls_endpoint_aliases")
+    if not isinstance(aliases, dict):
+        return None
+    alias = aliases.get("token_endpoint")
+    if not isinstance(alias, str) or not alias:
+        return None
+    return _checked_endpoint(alias, "mtls_endpoint_aliases.token_endpoint", url)
+
+
+def _checked_endpoint(endpoint: str, field: str, url: str) -> str:
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError:
+        raise TokenResponseInvalidError(
+            f"the discovery document at {url} has an invalid {field}"
+        ) from None
     if not secure_or_loopback(parts.scheme, parts.hostname):
         raise TokenResponseInvalidError(
-            f"the discovery document at {url} names a token_endpoint that is not https"
+            f"the discovery document at {url} names a {field} that is not https"
         )
     return endpoint

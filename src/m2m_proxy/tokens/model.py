@@ -33,6 +33,8 @@ class TokenGrant:
     access_token: str = field(repr=False)
     expires_in_s: float | None
     scope: str | None = None
+    fingerprint: str = ""
+    """Of the client material that obtained it (see tokens.material)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -46,6 +48,8 @@ class Token:
     refresh_at: float
     clamped_from_s: float | None = None
     """The IdP's lifetime when it was longer than MAX_LIFETIME_S and cut down."""
+    fingerprint: str = ""
+    """Of the client material that obtained it (see tokens.material)."""
 
     @property
     def lifetime_s(self) -> float:
@@ -79,4 +83,5 @@ def make_token(
         renew_at=renew_at,
         refresh_at=min(renew_at, sent_at + ahead),
         clamped_from_s=asked if asked > MAX_LIFETIME_S else None,
+        fingerprint=grant.fingerprint,
     )
