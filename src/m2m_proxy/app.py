@@ -181,11 +181,17 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
 
 async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    if rt.upstream_session is None or rt.tokens is None:
+    if rt.upstream_session is None or rt.tokens is None or rt.material is None:
         raise RuntimeError("the proxy listener needs the session and token cache started first")
     settings = rt.config.proxy
     forwarder = Forwarder(rt.upstream_session, rt.tokens, via=settings.name)
-    handler = ProxyHandler(RouteTable(rt.config.routes), forwarder, settings, rt.logs.access)
+    handler = ProxyHandler(
+        RouteTable(rt.config.routes),
+        forwarder,
+        settings,
+        rt.logs.access,
+        upstream_tls=rt.material.upstream_context,
+    )
     server = FrontDoor(
         handler,
         proxy_name=settings.name,

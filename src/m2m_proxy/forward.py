@@ -7,6 +7,7 @@ aiohttp client errors are translated here, once, most specific first.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -114,8 +115,11 @@ class Forwarder:
         key: CredentialKey | None,
         body: Body,
         exchange: Exchange,
+        tls: ssl.SSLContext | None = None,
     ) -> web.StreamResponse:
-        """Send upstream (with a token when ``key`` is set), replay once on 401, stream back."""
+        """Send upstream (with a token when ``key`` is set), replay once on 401, stream back.
+
+        ``tls`` verifies an https upstream (None: the system store)."""
         via = self._via_by_version.get(request.version)
         if via is None:
             via = f"{request.version.major}.{request.version.minor} {self._via}"
@@ -132,14 +136,16 @@ class Forwarder:
                 else:
                     exchange.token = "miss"
                     token = await self._tokens.obtain(key)
-        resp = await self._send(request, url=url, host=host, token=token, body=body, via=via)
+        resp = await self._send(
+            request, url=url, host=host, token=token, body=body, via=via, tls=tls
+        )
         if resp.status == 401 and key is not None and token is not None:
             self._tokens.invalidate(key, token)
             if body.replayable:
                 resp.release()
                 token = await self._tokens.obtain(key)
                 resp = await self._send(
-                    request, url=url, host=host, token=token, body=body, via=via
+                    request, url=url, host=host, token=token, body=body, via=via, tls=tls
                 )
                 exchange.replayed = "still_401" if resp.status == 401 else "recovered"
             else:
@@ -155,6 +161,7 @@ class Forwarder:
         token: Token | None,
         body: Body,
         via: str,
+        tls: ssl.SSLContext | None,
     ) -> aiohttp.ClientResponse:
         headers: CIMultiDict[str] = upstream_request_headers(
             request.headers,
@@ -172,6 +179,7 @@ class Forwarder:
                 data=body.payload(),
                 allow_redirects=False,
                 chunked=None,
+                ssl=tls if tls is not None else True,
             )
         except ProxyError:
             raise

@@ -8,6 +8,7 @@ one ``request_completed`` log line. Knows nothing about sockets or the IdP.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 
@@ -39,8 +40,13 @@ class ProxyHandler:
         forwarder: Forwarder,
         settings: ProxySettings,
         access_log: AccessLog,
+        *,
         clock: Callable[[], float] = time.perf_counter,
+        upstream_tls: Callable[[RouteConfig], ssl.SSLContext | None] = lambda _route: None,
     ) -> None:
+        """``upstream_tls(route)`` is the TLS context for the route's upstream (None:
+        the system store)."""
+        self._upstream_tls = upstream_tls
         self._routes = routes
         self._forwarder = forwarder
         self._settings = settings
@@ -77,6 +83,7 @@ class ProxyHandler:
                 key=route.credential if route is not None else None,
                 body=body,
                 exchange=exchange,
+                tls=self._upstream_tls(route) if route is not None else None,
             )
         except ProxyError as exc:
             exchange.error = exc.code

@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from m2m_proxy.config import ClientConfig, Secret
+from m2m_proxy.config import ClientConfig, RouteConfig, Secret
 from m2m_proxy.keys import SigningKeyError, check_alg
 from m2m_proxy.tls import client_context
 
@@ -62,6 +62,7 @@ class ClientMaterial:
         }
         self._fingerprints = {name: self._fingerprint(c) for name, c in clients.items()}
         self._contexts: dict[str, ssl.SSLContext | None] = {}
+        self._upstream_contexts: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
 
     def client(self, name: str) -> ClientConfig:
         return self._clients[name]
@@ -81,6 +82,21 @@ class ClientMaterial:
             else:
                 self._contexts[name] = client_context(client.ca_file, client.certificate)
         return self._contexts[name]
+
+    def upstream_context(self, route: RouteConfig) -> ssl.SSLContext | None:
+        """The TLS context for the route's https upstream, or None for the default:
+        it trusts the route's ``ca_file`` and, with ``client_certificate: true``,
+        presents the client's certificate (so certificate-bound tokens verify)."""
+        if route.ca_file is None and not route.client_certificate:
+            return None
+        client = route.credential.client if route.client_certificate else None
+        key = (client, route.ca_file)
+        context = self._upstream_contexts.get(key)
+        if context is None:
+            certificate = self._clients[client].certificate if client is not None else None
+            context = client_context(route.ca_file, certificate)
+            self._upstream_contexts[key] = context
+        return context
 
     def refresh(self) -> list[MaterialChange]:
         """Re-read changed files and report; returns the changes.
@@ -106,6 +122,8 @@ class ClientMaterial:
             fingerprint = self._fingerprint(updated)
             self._clients[name] = updated
             self._contexts.pop(name, None)
+            for key in [k for k in self._upstream_contexts if k[0] == name]:
+                del self._upstream_contexts[key]
             if fingerprint != self._fingerprints[name]:
                 self._fingerprints[name] = fingerprint
                 change = MaterialChange(name, fingerprint)
