@@ -959,3 +959,11 @@ def test_client_assertion_file_must_be_readable(tmp_path: Path) -> None:
     )
     [problem] = problems(text)
     assert "clients.orders.client_assertion_file: cannot read" in problem
+
+
+def test_an_unquoted_env_reference_in_a_flow_list_gets_a_hint() -> None:
+    text = CLIENTS.replace("client_secret: ${ORDERS_SECRET}", "client_secret: [${A}, ${B}]")
+    [problem] = problems(text)
+    assert problem.endswith(
+        'inside [ ] quote each ${VAR} reference ("${VAR}"), or write a block list'
+    )

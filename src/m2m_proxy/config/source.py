@@ -81,9 +81,13 @@ def parse_yaml(text: str, file: str, environ: Mapping[str, str]) -> SourceDocume
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = _mark(exc.problem_mark) if exc.problem_mark else None
-        doc.problems.append(
-            Problem(file, mark, "", f"invalid YAML: {exc.problem}; fix the syntax at this spot")
-        )
+        hint = "fix the syntax at this spot"
+        lines = text.splitlines()
+        at = exc.problem_mark.line if exc.problem_mark else len(lines)
+        line = lines[at] if at < len(lines) else ""
+        if "${" in line and "[" in line:
+            hint = 'inside [ ] quote each ${VAR} reference ("${VAR}"), or write a block list'
+        doc.problems.append(Problem(file, mark, "", f"invalid YAML: {exc.problem}; {hint}"))
         return doc
     if node is None:
         doc.data = {}
