@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import trustme
 
 from m2m_proxy.config import (
     Address,
@@ -19,6 +20,7 @@ from m2m_proxy.config import (
     load_config,
     parse_config,
 )
+from tests.pki import CertFiles, issue
 
 ENV = {"ORDERS_SECRET": "s3cret-value"}
 
@@ -967,3 +969,89 @@ def test_an_unquoted_env_reference_in_a_flow_list_gets_a_hint() -> None:
     assert problem.endswith(
         'inside [ ] quote each ${VAR} reference ("${VAR}"), or write a block list'
     )
+
+
+# --- TLS client certificates (RFC 8705) -----------------------------------------------
+
+
+def _tls_client(tmp_path: Path, method: str = "tls_client_auth") -> tuple[str, CertFiles]:
+    ca = trustme.CA()
+    files = issue(ca, tmp_path, "client", "svc.example")
+    text = CLIENTS.replace(
+        "client_secret: ${ORDERS_SECRET}",
+        f"auth_method: {method}\n    client_cert_file: {files.cert}\n"
+        f"    client_key_file: {files.key}",
+    )
+    return text, files
+
+
+def test_tls_client_auth_loads_the_certificate(tmp_path: Path) -> None:
+    text, files = _tls_client(tmp_path)
+    client = load(text).clients["orders"]
+    assert client.auth_method is AuthMethod.TLS_CLIENT_AUTH
+    assert client.certificate is not None
+    assert client.certificate.cert_file == str(files.cert)
+    assert client.client_secret is None
+    assert client.files == (str(files.cert), str(files.key))
+
+
+def test_tls_client_auth_without_a_certificate_is_refused() -> None:
+    text = CLIENTS.replace("client_secret: ${ORDERS_SECRET}", "auth_method: tls_client_auth")
+    [problem] = problems(text)
+    assert "clients.orders: tls_client_auth needs client_cert_file and client_key_file" in problem
+
+
+def test_a_secret_with_tls_client_auth_is_refused(tmp_path: Path) -> None:
+    text, _ = _tls_client(tmp_path, "self_signed_tls_client_auth")
+    text = text.replace("auth_method:", "client_secret: x\n    auth_method:")
+    [problem] = problems(text)
+    assert problem.endswith(
+        "clients.orders.client_secret: is not used with self_signed_tls_client_auth; remove it"
+    )
+
+
+def test_a_certificate_with_the_wrong_key_names_both_files(tmp_path: Path) -> None:
+    text, files = _tls_client(tmp_path)
+    other = issue(trustme.CA(), tmp_path, "other", "svc.example")
+    text = text.replace(str(files.key), str(other.key))
+    [problem] = problems(text)
+    assert f"clients.orders.client_cert_file: cannot use '{files.cert}' with key '{other.key}'" in (
+        problem
+    )
+    assert "PRIVATE" not in problem
+
+
+def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
+    text, files = _tls_client(tmp_path, "client_secret_basic")
+    text = text.replace(f"\n    client_key_file: {files.key}", "\n    client_secret: x")
+    [problem] = problems(text)
+    assert problem.endswith("set client_key_file too: the certificate and its key go together")
+
+
+def test_a_ca_file_that_is_not_pem_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    text = CLIENTS + f"    ca_file: {bad}\n"
+    [problem] = problems(text)
+    assert f"clients.orders.ca_file: cannot use '{bad}' as a CA bundle" in problem
+
+
+def test_route_client_certificate_needs_a_client_certificate() -> None:
+    text = with_route("host: api.example.com\nclient: orders\nclient_certificate: true\n")
+    [problem] = problems(text)
+    assert problem.endswith(
+        "routes[0].client_certificate: client 'orders' has no client_cert_file to present; "
+        "add client_cert_file and client_key_file to it, or remove this"
+    )
+
+
+def test_route_ca_file_and_client_certificate_are_kept(tmp_path: Path) -> None:
+    text, _ = _tls_client(tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    text += (
+        "routes:\n  - host: api.example.com\n    client: orders\n"
+        f"    ca_file: {ca_file}\n    client_certificate: true\n"
+    )
+    [route] = load(text).routes
+    assert (route.ca_file, route.client_certificate) == (str(ca_file), True)
