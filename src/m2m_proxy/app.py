@@ -17,10 +17,13 @@ from aiohttp import web
 
 from m2m_proxy.admin import Readiness, admin_routes
 from m2m_proxy.config import Config
+from m2m_proxy.connect import TunnelBroker
 from m2m_proxy.errors import TokenError, TokenRejectedError
 from m2m_proxy.forward import Forwarder
 from m2m_proxy.frontdoor import FrontDoor
 from m2m_proxy.handler import ProxyHandler
+from m2m_proxy.interception_ca import LeafCertificates, load_ca
+from m2m_proxy.listener import ProxySite
 from m2m_proxy.logs import Logs
 from m2m_proxy.prefetch import Prefetcher
 from m2m_proxy.routing import RouteTable
@@ -185,8 +188,9 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         raise RuntimeError("the proxy listener needs the session and token cache started first")
     settings = rt.config.proxy
     forwarder = Forwarder(rt.upstream_session, rt.tokens, via=settings.name)
+    routes = RouteTable(rt.config.routes)
     handler = ProxyHandler(
-        RouteTable(rt.config.routes),
+        routes,
         forwarder,
         settings,
         rt.logs.access,
@@ -199,14 +203,32 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         access_log=None,
         handler_cancellation=True,
     )
+    leaves = None
+    if settings.ca_cert_file is not None and settings.ca_key_file is not None:
+        leaves = LeafCertificates(load_ca(settings.ca_cert_file, settings.ca_key_file))
+    broker = TunnelBroker(
+        routes=routes, settings=settings, front_door=server, leaves=leaves, log=rt.logs.events
+    )
     runner = web.ServerRunner(
         server, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.port, reuse_address=True)
-    await site.start()
+    site = ProxySite(
+        runner,
+        settings.listen,
+        broker=broker,
+        transparent=settings.transparent,
+        log=rt.logs.events,
+    )
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        if leaves is not None:
+            leaves.close()
+        raise
     rt.proxy_runner = runner
-    rt.proxy_port = _bound_port(runner)
+    rt.proxy_port = site.port
     rt.readiness.satisfy(LISTENING)
     rt.logs.events.info(
         "proxy_started",
@@ -218,6 +240,8 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     yield
     rt.readiness.withdraw(LISTENING)
     await runner.cleanup()
+    if leaves is not None:
+        leaves.close()
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -1,4 +1,5 @@
-"""Command line: ``m2m-proxy run|check|token --config FILE``. argv in, exit code out.
+"""Command line: ``m2m-proxy run|check|token --config FILE`` and ``m2m-proxy ca init
+--dir DIR``. argv in, exit code out.
 
 Exit codes: 0 success, 2 invalid configuration or usage, 1 runtime failure.
 """
@@ -10,11 +11,13 @@ import asyncio
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from m2m_proxy.app import fetch_token, serve
 from m2m_proxy.config import Config, ConfigError, load_config
 from m2m_proxy.diagnose import describe_route, describe_token, resolve
 from m2m_proxy.errors import ProxyError, TokenError
+from m2m_proxy.interception_ca import CAError, init_ca
 from m2m_proxy.logs import bridge_library_logs, make_logs
 
 EXIT_CONFIG = 2
@@ -27,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config)
     if args.command == "token":
         return _token(args.config, args.destination, show_token=args.show_token)
+    if args.command == "ca":
+        return _ca_init(args.dir, args.common_name)
     return _run(args.config)
 
 
@@ -55,7 +60,28 @@ def _parser() -> argparse.ArgumentParser:
         "destination", metavar="HOST[:PORT][/PATH]", help="or a full http(s):// URL"
     )
     subs["token"].add_argument("--show-token", action="store_true", help="print the token")
+    text = "the interception CA for https (CONNECT) routes"
+    ca = commands.add_parser("ca", help=text, description=text)
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True)
+    text = "create DIR/ca.pem and DIR/ca-key.pem (0600); never overwrites"
+    init = ca_commands.add_parser("init", help=text, description=text)
+    init.add_argument("--dir", required=True, metavar="DIR", help="where to write the files")
+    init.add_argument(
+        "--common-name", default="m2m-proxy interception CA", help="the CA's subject CN"
+    )
     return parser
+
+
+def _ca_init(directory: str, common_name: str) -> int:
+    try:
+        files = init_ca(Path(directory), common_name=common_name)
+    except CAError as exc:
+        print(f"m2m-proxy ca init: {exc}", file=sys.stderr)
+        return 1
+    print(f"created {files.cert_file} (trust this) and {files.key_file} (keep private, 0600)")
+    print("add to the routes file:")
+    print(f"  proxy:\n    ca_cert_file: {files.cert_file}\n    ca_key_file: {files.key_file}")
+    return 0
 
 
 def _load(path: str) -> Config | None:

@@ -5,6 +5,7 @@ The hierarchy is deliberately shallow::
     ProxyError                      status  code
     ├── BadRequestError               400   bad_request
     ├── RouteDeniedError              403   route_denied
+    ├── MisdirectedRequestError       421   misdirected_request
     ├── NotSupportedError             501   not_supported
     ├── TokenError                          (the IdP side)
     │   ├── TokenUnavailableError     502   token_unavailable
@@ -67,6 +68,15 @@ class RouteDeniedError(ProxyError):
     code = "route_denied"
     proxy_status = "http_request_denied"
     title = "No route allows this destination"
+
+
+class MisdirectedRequestError(ProxyError):
+    """Inside an intercepted tunnel, the request (Host, target or SNI) names another host."""
+
+    status = 421
+    code = "misdirected_request"
+    proxy_status = "http_request_denied"
+    title = "The request names another host than its tunnel"
 
 
 class NotSupportedError(ProxyError):

@@ -1,6 +1,11 @@
 """The proxy listener's HTTP server: aiohttp's low-level ``web.Server`` whose
 connection handler answers unparseable requests with our problem+json.
 
+Connections decrypted inside an intercepted tunnel get the same handler, carrying a
+``tunnel`` (:class:`~m2m_proxy.target.TunnelOrigin`) that the request handler reads
+from ``request.protocol``; they are tracked by this server like any other, so shutdown
+covers them.
+
 aiohttp's default error page echoes the offending request line or header back
 (and its server logger logs it); a header may carry a credential, so here the
 client only learns the status and a fixed reason, and the log only the fact.
@@ -8,12 +13,14 @@ client only learns the status and a fixed reason, and the log only the fact.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
 from m2m_proxy.errors import BadRequestError, ProxyError, render_problem
 from m2m_proxy.logs import Logger
+from m2m_proxy.target import TunnelOrigin
 
 _REASONS = {
     400: "the request is not valid HTTP/1.1",
@@ -36,10 +43,28 @@ class _ParseErrorProblem(ProxyError):
 class _ProblemRequestHandler(web.RequestHandler):
     """RequestHandler whose error responses are problem+json with no echo."""
 
-    def __init__(self, manager: web.Server, *, proxy_name: str, log: Logger, **kwargs: Any):
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        proxy_name: str,
+        log: Logger,
+        tunnel: TunnelOrigin | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(manager, **kwargs)
         self._proxy_name = proxy_name
         self._log = log
+        self.tunnel = tunnel
+        """Set for a connection decrypted inside an intercepted tunnel."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            sni = getattr(transport.get_extra_info("ssl_object"), "m2m_server_name", None)
+            if sni is not None and sni.lower().rstrip(".") != tunnel.host:
+                self.tunnel = tunnel._replace(sni_mismatch=True)
 
     def handle_error(
         self,
@@ -77,4 +102,15 @@ class FrontDoor(web.Server):
     def __call__(self) -> web.RequestHandler:
         return _ProblemRequestHandler(
             self, proxy_name=self._proxy_name, log=self._log, loop=self._loop, **self._kwargs
+        )
+
+    def tunnel_protocol(self, tunnel: TunnelOrigin) -> web.RequestHandler:
+        """The HTTP protocol for the decrypted side of an intercepted tunnel."""
+        return _ProblemRequestHandler(
+            self,
+            proxy_name=self._proxy_name,
+            log=self._log,
+            tunnel=tunnel,
+            loop=self._loop,
+            **self._kwargs,
         )

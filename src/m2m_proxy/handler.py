@@ -25,7 +25,7 @@ from m2m_proxy.errors import (
 from m2m_proxy.forward import NO_BODY, Body, Exchange, Forwarder
 from m2m_proxy.logs import AccessLog
 from m2m_proxy.routing import RouteTable
-from m2m_proxy.target import Target, parse_target
+from m2m_proxy.target import Target, TunnelOrigin, parse_target, parse_tunneled_target
 
 CLIENT_CLOSED = 499
 """Status logged when the client closed the connection before the response was done."""
@@ -58,10 +58,15 @@ class ProxyHandler:
         try:
             if request.method == "CONNECT":
                 raise NotSupportedError(
-                    "CONNECT is not supported yet; send http:// URLs (HTTP_PROXY) and let "
-                    "a route's upstream: https://... originate TLS"
+                    "CONNECT must be the first request on a new connection to the proxy"
                 )
-            target = parse_target(request.raw_path, request.headers.get("Host"))
+            tunnel: TunnelOrigin | None = getattr(request.protocol, "tunnel", None)
+            if tunnel is None:
+                target = parse_target(request.raw_path, request.headers.get("Host"))
+            else:
+                target = parse_tunneled_target(
+                    request.raw_path, request.headers.get("Host"), tunnel
+                )
             route = self._routes.match(target)
             if route is not None:
                 exchange.route = route.name

@@ -9,7 +9,7 @@ matches ``/v1`` and ``/v1/x`` but not ``/v10``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from m2m_proxy.authority import effective_port
 from m2m_proxy.config import RouteConfig
@@ -32,10 +32,22 @@ class RouteTable:
 
     def match(self, target: Target) -> RouteConfig | None:
         """The best route for ``target``, or None."""
+        return self._search(target, _first_match)
+
+    def covering(self, target: Target) -> RouteConfig | None:
+        """The best route for ``target``'s host and port whatever the path: CONNECT
+        has no path, and decides for every request of its tunnel."""
+        return self._search(target, _first_for_origin)
+
+    def _search(
+        self,
+        target: Target,
+        first: Callable[[tuple[RouteConfig, ...], Target], RouteConfig | None],
+    ) -> RouteConfig | None:
         host = target.host
         candidates = self._exact.get(host)
         if candidates is not None:
-            found = _first_match(candidates, target)
+            found = first(candidates, target)
             if found is not None:
                 return found
         if not self._wildcard:
@@ -44,7 +56,7 @@ class RouteTable:
         while dot >= 0:
             candidates = self._wildcard.get(host[dot + 1 :])
             if candidates is not None:
-                found = _first_match(candidates, target)
+                found = first(candidates, target)
                 if found is not None:
                     return found
             dot = host.find(".", dot + 1)
@@ -55,12 +67,22 @@ def _by_prefix_length(routes: list[RouteConfig]) -> tuple[RouteConfig, ...]:
     return tuple(sorted(routes, key=lambda r: len(r.path_prefix), reverse=True))
 
 
+def _port_matches(route: RouteConfig, target: Target) -> bool:
+    if route.port is None:
+        return target.port is None
+    return route.port == effective_port(target.scheme, target.port)
+
+
+def _first_for_origin(candidates: tuple[RouteConfig, ...], target: Target) -> RouteConfig | None:
+    for route in candidates:
+        if _port_matches(route, target):
+            return route
+    return None
+
+
 def _first_match(candidates: tuple[RouteConfig, ...], target: Target) -> RouteConfig | None:
     for route in candidates:
-        if route.port is None:
-            if target.port is not None:
-                continue
-        elif route.port != effective_port(target.scheme, target.port):
+        if not _port_matches(route, target):
             continue
         prefix = route.path_prefix
         if prefix:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from m2m_proxy.authority import DEFAULT_PORTS, AuthorityError, canonical_port, split_authority
-from m2m_proxy.errors import BadRequestError
+from m2m_proxy.errors import BadRequestError, MisdirectedRequestError
 
 
 class Target(NamedTuple):
@@ -71,6 +71,52 @@ def parse_target(raw_target: str, host_header: str | None) -> Target:
         raise BadRequestError(f"bad target host: {exc}") from None
     _refuse_dot_segments(path_qs)
     return Target(scheme, host, canonical_port(scheme, port), path_qs)
+
+
+class TunnelOrigin(NamedTuple):
+    """Where an intercepted tunnel leads: the CONNECT authority (or the SNI in
+    transparent mode). ``port`` None is 443. ``sni_mismatch``: the client's TLS SNI
+    named another host, so nothing in this tunnel gets a token."""
+
+    host: str
+    port: int | None
+    sni_mismatch: bool = False
+
+    @property
+    def authority(self) -> str:
+        return Target("https", self.host, self.port, "/").authority
+
+
+def parse_tunneled_target(raw_target: str, host_header: str | None, tunnel: TunnelOrigin) -> Target:
+    """A request inside an intercepted tunnel: https to the tunnel's origin only.
+
+    Origin-form takes the tunnel's origin; Host (or an absolute-form target) must name
+    that same origin, else MisdirectedRequestError (421) and no token.
+    """
+    if tunnel.sni_mismatch:
+        raise MisdirectedRequestError(
+            f"the TLS server name differs from the CONNECT host {tunnel.authority}"
+        )
+    if raw_target.startswith("/"):
+        if "#" in raw_target:
+            raise BadRequestError("the request target must not contain a '#fragment'")
+        _refuse_dot_segments(raw_target)
+        target = Target("https", tunnel.host, tunnel.port, raw_target)
+        if host_header is None:
+            return target
+        try:
+            host, port = split_authority(host_header)
+        except AuthorityError as exc:
+            raise BadRequestError(f"bad Host header: {exc}") from None
+        named = Target("https", host, canonical_port("https", port), raw_target)
+    else:
+        target = named = parse_target(raw_target, host_header)
+    if (named.scheme, named.host, named.port) != ("https", tunnel.host, tunnel.port):
+        raise MisdirectedRequestError(
+            f"this tunnel leads to {tunnel.authority}; send requests for other hosts "
+            "through their own CONNECT"
+        )
+    return target
 
 
 def _refuse_dot_segments(path_qs: str) -> None:

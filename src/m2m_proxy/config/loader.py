@@ -29,6 +29,7 @@ from m2m_proxy.config.model import (
 from m2m_proxy.config.route_checks import RouteChecks
 from m2m_proxy.config.schema import ClientSection, ProxySection, RouteSection, RoutesFile
 from m2m_proxy.config.source import Path, Problem, parse_yaml
+from m2m_proxy.interception_ca import CAError, load_ca
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -130,6 +131,8 @@ class _Checker(ClientChecks, RouteChecks):
                 self._check_raw_route(index, item, set(client_data))
         routes = self._routes(sections, set(client_data))
         self._check_client_certificates(sections, client_data)
+        if proxy is not None:
+            self._check_https_modes(sections, proxy)
         if proxy is None:
             return None
         return Config(source=self._file, proxy=proxy, clients=clients, routes=routes)
@@ -149,6 +152,16 @@ class _Checker(ClientChecks, RouteChecks):
                     "add client_cert_file and client_key_file to it, or remove this",
                 )
 
+    def _check_https_modes(self, sections: list[RouteSection | None], proxy: ProxySettings) -> None:
+        """``https: intercept`` needs the interception CA."""
+        for index, section in enumerate(sections):
+            if section is not None and section.https == "intercept" and not proxy.intercepts:
+                self.problem(
+                    ("routes", index, "https"),
+                    "intercept needs an interception CA; create one with `m2m-proxy ca init "
+                    "--dir DIR` and set proxy.ca_cert_file and proxy.ca_key_file",
+                )
+
     def _mapping_of(self, data: dict[str, Any], key: str) -> dict[str, Any]:
         value = data.get(key) or {}
         if not isinstance(value, dict):
@@ -164,6 +177,7 @@ class _Checker(ClientChecks, RouteChecks):
                 ("proxy", "admin_listen"),
                 "must differ from proxy.listen; pick another port, e.g. 127.0.0.1:9901",
             )
+        ca_files = self._interception_ca(section)
         return ProxySettings(
             listen=listen,
             admin_listen=admin,
@@ -181,7 +195,40 @@ class _Checker(ClientChecks, RouteChecks):
             log_level=section.log_level,
             shutdown_grace_s=section.shutdown_grace_s,
             credential_files_check_s=section.credential_files_check_s,
+            ca_cert_file=ca_files[0] if ca_files else None,
+            ca_key_file=ca_files[1] if ca_files else None,
+            transparent=section.transparent,
+            connect_ports=frozenset(self._connect_ports(section.connect_ports)),
+            tunnel_idle_timeout_s=section.tunnel_idle_timeout_s,
+            tls_handshake_timeout_s=section.tls_handshake_timeout_s,
         )
+
+    def _interception_ca(self, section: ProxySection) -> tuple[str, str] | None:
+        """Both CA files or neither; loadable, and the key not readable by others."""
+        cert, key = section.ca_cert_file, section.ca_key_file
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            missing = "ca_cert_file" if cert is None else "ca_key_file"
+            self.problem(
+                ("proxy",),
+                f"set {missing} too (the interception CA needs both); create them with "
+                "`m2m-proxy ca init --dir DIR`",
+            )
+            return None
+        try:
+            load_ca(cert, key)
+        except CAError as exc:
+            field = "ca_key_file" if f"'{key}'" in str(exc) else "ca_cert_file"
+            self.problem(("proxy", field), str(exc))
+            return None
+        return cert, key
+
+    def _connect_ports(self, ports: list[int]) -> list[int]:
+        for i, port in enumerate(ports):
+            if not 1 <= port <= 65535:
+                self.problem(("proxy", "connect_ports", i), f"{port} is not a TCP port (1-65535)")
+        return [p for p in ports if 1 <= p <= 65535]
 
     def _address(self, path: Path, value: str | int) -> Address:
         text = f"127.0.0.1:{value}" if isinstance(value, int) or value.isdecimal() else value

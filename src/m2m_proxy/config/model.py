@@ -39,6 +39,13 @@ class AuthMethod(StrEnum):
         return self in (AuthMethod.TLS_CLIENT_AUTH, AuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH)
 
 
+class HttpsMode(StrEnum):
+    """What CONNECT to a routed host gets."""
+
+    INTERCEPT = "intercept"
+    TUNNEL = "tunnel"
+
+
 class Unmatched(StrEnum):
     DENY = "deny"
     PASSTHROUGH = "passthrough"
@@ -91,6 +98,17 @@ class ProxySettings:
     log_level: str
     shutdown_grace_s: float
     credential_files_check_s: float = 10.0
+    ca_cert_file: str | None = None
+    ca_key_file: str | None = None
+    transparent: bool = False
+    connect_ports: frozenset[int] = frozenset({443})
+    tunnel_idle_timeout_s: float = 300.0
+    tls_handshake_timeout_s: float = 10.0
+
+    @property
+    def intercepts(self) -> bool:
+        """An interception CA is configured."""
+        return self.ca_cert_file is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +211,8 @@ class RouteConfig:
     """CA bundle trusted for this route's https upstream, besides the system store."""
     client_certificate: bool = False
     """Present the client's TLS certificate upstream (certificate-bound tokens, RFC 8705 §3)."""
+    https: HttpsMode = HttpsMode.INTERCEPT
+    """What CONNECT to this host gets (intercept needs the proxy's interception CA)."""
 
     @property
     def is_wildcard(self) -> bool:

@@ -16,6 +16,7 @@ from m2m_proxy.authority import (
 )
 from m2m_proxy.config.model import (
     CredentialSpec,
+    HttpsMode,
     Origin,
     RouteConfig,
 )
@@ -101,6 +102,7 @@ class RouteChecks(Reporter):
             upstream=upstream,
             ca_file=ca_file,
             client_certificate=section.client_certificate,
+            https=HttpsMode(section.https or "intercept"),
         )
 
     def _host_pattern(self, path: Path, text: str) -> tuple[str, int | None] | None:

@@ -61,6 +61,30 @@ class ProxySection(_Section):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, time given to in-flight requests."
     )
+    ca_cert_file: str | None = Field(
+        None,
+        description="Interception CA certificate (from `m2m-proxy ca init`): with it, CONNECT "
+        "to a routed host is intercepted so the token can be added inside https.",
+    )
+    ca_key_file: str | None = Field(
+        None, description="The interception CA's private key; must be mode 0600 or stricter."
+    )
+    transparent: bool = Field(
+        False,
+        description="Also accept redirected traffic: a connection that starts with a TLS "
+        "ClientHello is routed by its SNI (port 443).",
+    )
+    connect_ports: list[int] = Field(
+        default_factory=lambda: [443],
+        description="Ports that CONNECT may reach on hosts no route names (with unmatched: "
+        "passthrough); a routed host's port is always allowed.",
+    )
+    tunnel_idle_timeout_s: float = Field(
+        300.0, gt=0, description="A blind tunnel with no bytes either way for this long is closed."
+    )
+    tls_handshake_timeout_s: float = Field(
+        10.0, gt=0, description="Longest TLS handshake with a client inside CONNECT."
+    )
     credential_files_check_s: float = Field(
         10.0,
         gt=0,
@@ -145,6 +169,12 @@ class RouteSection(_Section):
         None,
         description="PEM CA bundle trusted for this route's https upstream, in addition "
         "to the system store.",
+    )
+    https: Literal["intercept", "tunnel"] | None = Field(
+        None,
+        description="CONNECT to this host: intercept (terminate TLS with a minted "
+        "certificate and add the token; the default when proxy.ca_cert_file is set) or "
+        "tunnel (relay bytes blindly; no token).",
     )
     client_certificate: bool = Field(
         False,

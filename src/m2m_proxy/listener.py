@@ -1,0 +1,161 @@
+"""ProxySite: the one proxy listener for plain HTTP, CONNECT and transparent TLS.
+
+Each accepted connection is classified by its first bytes, *peeked* (``MSG_PEEK``) so
+nothing is consumed before the connection's owner takes the socket:
+
+- ``CONNECT `` → :meth:`TunnelBroker.handle_connect`;
+- a TLS handshake record, with ``proxy.transparent`` → :meth:`TunnelBroker.handle_tls`
+  (routed by SNI; the ClientHello is still unread when TLS starts or a splice relays it);
+- anything else → aiohttp's HTTP protocol (our :class:`FrontDoor`), through
+  ``loop.connect_accepted_socket``.
+
+Only public asyncio API is used (``sock_accept``, ``add_reader``, ``MSG_PEEK``,
+``connect_accepted_socket``), so it behaves the same on uvloop and with either of
+aiohttp's HTTP parsers. Plain HTTP pays one peek per *connection*, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+
+from aiohttp import web
+
+from m2m_proxy.clienthello import MAX_RECORD_BYTES, looks_like_tls, record_length
+from m2m_proxy.config import Address
+from m2m_proxy.connect import TunnelBroker, readable
+from m2m_proxy.frontdoor import FrontDoor
+from m2m_proxy.logs import Logger
+from m2m_proxy.tasks import TaskSet
+
+_CONNECT = b"CONNECT "
+_PARTIAL_RETRY_S = 0.005
+"""A peek that cannot decide yet leaves the bytes unread, so the socket stays readable:
+wait this long before peeking again instead of spinning."""
+FIRST_BYTES_TIMEOUT_S = 30.0
+
+
+class ProxySite(web.BaseSite):
+    """A listening socket whose connections are classified before aiohttp sees them."""
+
+    __slots__ = (
+        "_accepting",
+        "_address",
+        "_broker",
+        "_connections",
+        "_log",
+        "_peek_bytes",
+        "_sock",
+        "_transparent",
+    )
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        address: Address,
+        *,
+        broker: TunnelBroker,
+        transparent: bool,
+        log: Logger,
+        backlog: int = 1024,
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._address = address
+        self._broker = broker
+        self._transparent = transparent
+        self._log = log
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._connections = TaskSet()
+        self._peek_bytes = MAX_RECORD_BYTES if transparent else len(_CONNECT)
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._address}"
+
+    @property
+    def port(self) -> int:
+        if self._sock is None:
+            raise RuntimeError("the proxy listener is not started")
+        return int(self._sock.getsockname()[1])
+
+    async def start(self) -> None:
+        await super().start()
+        family = socket.AF_INET6 if ":" in self._address.host else socket.AF_INET
+        sock = socket.create_server(
+            (self._address.host, self._address.port), family=family, backlog=self._backlog
+        )
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = self._connections.start(self._accept_loop(sock), name="proxy-accept")
+
+    async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._sock is not None:
+            self._sock.close()
+        self._broker.abort_all()
+        await self._connections.cancel_all()
+        await super().stop()
+
+    async def _accept_loop(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listening)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._log.error("accept_failed", reason=errno.errorcode.get(exc.errno, "?"))
+                    await asyncio.sleep(0.1)  # out of descriptors: let some close first
+                    continue
+                raise
+            sock.setblocking(False)
+            self._connections.start(self._dispatch(sock), name="proxy-connection")
+
+    async def _dispatch(self, sock: socket.socket) -> None:
+        """Hand ``sock`` to its owner; close it if none takes it."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(FIRST_BYTES_TIMEOUT_S):
+                head = await self._classify(loop, sock)
+            if head is None:
+                sock.close()
+            elif head.startswith(_CONNECT):
+                await self._broker.handle_connect(sock)
+            elif self._transparent and looks_like_tls(head):
+                await self._broker.handle_tls(sock, head)
+            else:
+                server = self._runner.server
+                if not isinstance(server, FrontDoor):
+                    raise TypeError("the proxy site runs the proxy's FrontDoor server")
+                await loop.connect_accepted_socket(server, sock)
+        except (OSError, TimeoutError):
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _classify(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes | None:
+        """The first bytes, enough to decide (a whole ClientHello record in transparent
+        mode); None when the client closed without sending anything."""
+        while True:
+            await readable(loop, sock)
+            try:
+                head = sock.recv(self._peek_bytes, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            if not head:
+                return None
+            if _CONNECT.startswith(head[: len(_CONNECT)]) and len(head) < len(_CONNECT):
+                await asyncio.sleep(_PARTIAL_RETRY_S)  # "CONN..." so far
+                continue
+            if self._transparent and looks_like_tls(head):
+                needed = record_length(head)
+                if needed is None or len(head) < min(needed, MAX_RECORD_BYTES):
+                    await asyncio.sleep(_PARTIAL_RETRY_S)
+                    continue
+            return head
