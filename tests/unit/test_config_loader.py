@@ -15,11 +15,14 @@ from m2m_proxy.config import (
     ClientConfig,
     Config,
     ConfigError,
+    HttpsMode,
     Origin,
     Unmatched,
     load_config,
     parse_config,
 )
+from m2m_proxy.config.schema import ProxySection
+from m2m_proxy.interception_ca import init_ca
 from tests.pki import CertFiles, issue
 
 ENV = {"ORDERS_SECRET": "s3cret-value"}
@@ -190,13 +193,12 @@ def test_unknown_nested_key_suggests_the_close_one(text: str, expected: str) -> 
 
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
-    assert problems("proxy:\n  zzz: 1\n") == [
-        "routes.yaml:2:3: proxy.zzz: unknown key 'zzz'; known keys: admin_listen, "
-        "connect_timeout_s, credential_files_check_s, idle_timeout_s, listen, log_level, name, "
-        "replay_body_limit_bytes, shutdown_grace_s, token_default_lifetime_s, "
-        "token_failure_hold_max_s, token_failure_hold_s, token_retries, token_skew_s, "
-        "token_timeout_s, unmatched"
-    ]
+    [problem] = problems("proxy:\n  zzz: 1\n")
+    prefix = "routes.yaml:2:3: proxy.zzz: unknown key 'zzz'; known keys: "
+    assert problem.startswith(prefix)
+    known = problem.removeprefix(prefix).split(", ")
+    assert known == sorted(ProxySection.model_fields)
+    assert {"admin_listen", "listen", "unmatched", "token_timeout_s"} <= set(known)
 
 
 def test_unknown_client_name_suggests_the_close_one() -> None:
@@ -1055,3 +1057,53 @@ def test_route_ca_file_and_client_certificate_are_kept(tmp_path: Path) -> None:
     )
     [route] = load(text).routes
     assert (route.ca_file, route.client_certificate) == (str(ca_file), True)
+
+
+# --- interception CA and https modes --------------------------------------------------
+
+
+def _with_ca(tmp_path: Path, route_extra: str = "") -> str:
+    files = init_ca(tmp_path / "ca")
+    return (
+        f"proxy:\n  ca_cert_file: {files.cert_file}\n  ca_key_file: {files.key_file}\n"
+        + with_route(f"host: api.example.com\nclient: orders\n{route_extra}")
+    )
+
+
+def test_an_interception_ca_is_loaded_and_routes_intercept_by_default(tmp_path: Path) -> None:
+    config = load(_with_ca(tmp_path))
+    assert config.proxy.intercepts
+    assert config.routes[0].https is HttpsMode.INTERCEPT
+
+
+def test_a_ca_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    text = _with_ca(tmp_path)
+    (tmp_path / "ca" / "ca-key.pem").chmod(0o644)
+    [problem] = problems(text)
+    assert "proxy.ca_key_file:" in problem
+    assert "chmod 600" in problem
+
+
+def test_a_ca_cert_without_its_key_is_refused(tmp_path: Path) -> None:
+    files = init_ca(tmp_path / "ca")
+    [problem] = problems(f"proxy:\n  ca_cert_file: {files.cert_file}\n")
+    assert problem.endswith(
+        "proxy: set ca_key_file too (the interception CA needs both); create them with "
+        "`m2m-proxy ca init --dir DIR`"
+    )
+
+
+def test_https_intercept_without_a_ca_is_refused() -> None:
+    [problem] = problems(with_route("host: api.example.com\nclient: orders\nhttps: intercept\n"))
+    assert "routes[0].https: intercept needs an interception CA" in problem
+
+
+def test_https_tunnel_needs_no_ca() -> None:
+    config = load(with_route("host: api.example.com\nclient: orders\nhttps: tunnel\n"))
+    assert config.routes[0].https is HttpsMode.TUNNEL
+
+
+def test_connect_ports_must_be_tcp_ports() -> None:
+    [problem] = problems("proxy:\n  connect_ports: [443, 70000]\n")
+    assert problem.endswith("proxy.connect_ports[1]: 70000 is not a TCP port (1-65535)")
+    assert load("proxy:\n  connect_ports: [443, 8443]\n").proxy.connect_ports == {443, 8443}
