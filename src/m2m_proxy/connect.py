@@ -181,7 +181,10 @@ class TunnelBroker:
         loop = asyncio.get_running_loop()
         origin = TunnelOrigin(target.host, target.port)
         try:
+            minted = self._leaves.minted
             context = self._leaves.server_context(target.host)
+            if self._leaves.minted != minted:
+                self._log.info("certificate_minted", route=decision.route, host=target.host)
             if context.sni_callback is None:
                 context.sni_callback = _remember_server_name
             if answer_connect:
