@@ -60,7 +60,7 @@ class Tunnel:
         self._client = _Side(self, "client", self._loop)
         self._upstream.other = self._client
         self._client.other = self._upstream
-        self.last_activity_s = 0.0  # loop time the last byte moved; written per chunk
+        self._last_activity_s = 0.0  # loop time the last byte moved; written per chunk
         self._idle_timeout_s = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._first_eof: SideName | None = None
@@ -91,8 +91,9 @@ class Tunnel:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes waiting in the proxy's write buffers, both directions: bounded by flow control."""
-        return sum(
+        """Bytes the proxy holds for either direction: bounded by flow control."""
+        held = sum(len(chunk) for chunk in self._upstream.held)
+        return held + sum(
             side.transport.get_write_buffer_size()
             for side in (self._client, self._upstream)
             if side.transport is not None and not side.lost
@@ -116,7 +117,7 @@ class Tunnel:
             await self._upstream.closed
             return self._stats(started_s)
         self._idle_timeout_s = idle_timeout_s
-        self.last_activity_s = started_s
+        self._last_activity_s = started_s
         self._idle_timer = loop.call_at(started_s + idle_timeout_s, self._idle_fired)
         try:
             try:
@@ -177,7 +178,7 @@ class Tunnel:
                 other.transport.close()
 
     def _idle_fired(self) -> None:
-        deadline_s = self.last_activity_s + self._idle_timeout_s
+        deadline_s = self._last_activity_s + self._idle_timeout_s
         if self._loop.time() < deadline_s:  # bytes moved since it was armed: re-arm once
             self._idle_timer = self._loop.call_at(deadline_s, self._idle_fired)
         else:
@@ -258,7 +259,7 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        self.tunnel.last_activity_s = self.clock()
+        self.tunnel._last_activity_s = self.clock()
         self.forward(data)
 
     def _hold(self, data: bytes) -> None:
@@ -285,7 +286,7 @@ class _Side(asyncio.Protocol):
             peer.pause_reading()
 
     def resume_writing(self) -> None:
-        self.tunnel.last_activity_s = self.clock()  # the buffer drained: bytes moved
+        self.tunnel._last_activity_s = self.clock()  # the buffer drained: bytes moved
         peer = self.other.transport
         if peer is not None and not peer.is_closing():
             peer.resume_reading()
