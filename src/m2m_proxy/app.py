@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -18,13 +18,19 @@ from aiohttp import web
 from m2m_proxy.admin import Readiness, admin_routes
 from m2m_proxy.config import Config
 from m2m_proxy.connect import TunnelBroker
-from m2m_proxy.errors import TokenError, TokenRejectedError
+from m2m_proxy.errors import (
+    TokenError,
+    TokenRejectedError,
+    TokenResponseInvalidError,
+    TokenTimeoutError,
+)
 from m2m_proxy.forward import Forwarder
 from m2m_proxy.frontdoor import FrontDoor
 from m2m_proxy.handler import ProxyHandler
 from m2m_proxy.interception_ca import LeafCertificates, load_ca
 from m2m_proxy.listener import ProxySite
 from m2m_proxy.logs import Logs
+from m2m_proxy.metrics import Gauges, Metrics, make_registry
 from m2m_proxy.prefetch import Prefetcher
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.tasks import TaskSet
@@ -49,6 +55,8 @@ class Runtime:
     config: Config
     logs: Logs
     readiness: Readiness
+    metrics: Metrics = field(default_factory=Metrics)
+    gauges: Gauges = field(default_factory=Gauges)
     upstream_session: aiohttp.ClientSession | None = None
     tokens: TokenCache | None = None
     material: ClientMaterial | None = None
@@ -64,7 +72,14 @@ def build_app(config: Config, logs: Logs) -> web.Application:
     app = web.Application()
     runtime = Runtime(config=config, logs=logs, readiness=Readiness(LISTENING))
     app[RUNTIME] = runtime
-    app.add_routes(admin_routes(runtime.readiness))
+    app.add_routes(
+        admin_routes(
+            runtime.readiness,
+            registry=make_registry(runtime.metrics, runtime.gauges),
+            tokens=lambda: runtime.tokens,
+            clients=lambda: set(runtime.config.clients),
+        )
+    )
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_token_cache)
     app.cleanup_ctx.append(_proxy_listener)
@@ -154,8 +169,18 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         else:
             log.warning("token_fetch_failed", client=key.client, code=exc.code, detail=exc.detail)
 
+    async def fetch(key: CredentialKey) -> TokenGrant:
+        started = time.monotonic()
+        try:
+            grant = await client.fetch(key)
+        except TokenError as exc:
+            rt.metrics.token_request(key.client, _outcome(exc), time.monotonic() - started)
+            raise
+        rt.metrics.token_request(key.client, "success", time.monotonic() - started)
+        return grant
+
     rt.tokens = TokenCache(
-        client.fetch,
+        fetch,
         clock=time.monotonic,
         skew_s=settings.token_skew_s,
         default_lifetime_s=settings.token_default_lifetime_s,
@@ -164,6 +189,7 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
         on_fetched=fetched,
         on_failed=failed,
     )
+    rt.gauges.token_expiry = rt.tokens.expiries
     clients = rt.config.clients
     prefetcher = Prefetcher(
         rt.tokens,
@@ -195,6 +221,7 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         settings,
         rt.logs.access,
         upstream_tls=rt.material.upstream_context,
+        metrics=rt.metrics,
     )
     server = FrontDoor(
         handler,
@@ -207,8 +234,15 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     if settings.ca_cert_file is not None and settings.ca_key_file is not None:
         leaves = LeafCertificates(load_ca(settings.ca_cert_file, settings.ca_key_file))
     broker = TunnelBroker(
-        routes=routes, settings=settings, front_door=server, leaves=leaves, log=rt.logs.events
+        routes=routes,
+        settings=settings,
+        front_door=server,
+        leaves=leaves,
+        log=rt.logs.events,
+        metrics=rt.metrics,
     )
+    rt.gauges.open_connections = lambda: len(server.connections)
+    rt.gauges.open_tunnels = broker.open_tunnels
     runner = web.ServerRunner(
         server, handle_signals=False, shutdown_timeout=settings.shutdown_grace_s
     )
@@ -242,6 +276,17 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     await runner.cleanup()
     if leaves is not None:
         leaves.close()
+
+
+def _outcome(exc: TokenError) -> str:
+    """The token_requests outcome label of a failed fetch."""
+    if isinstance(exc, TokenRejectedError):
+        return "rejected"
+    if isinstance(exc, TokenTimeoutError):
+        return "timeout"
+    if isinstance(exc, TokenResponseInvalidError):
+        return "invalid"
+    return "unavailable"
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

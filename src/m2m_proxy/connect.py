@@ -39,6 +39,7 @@ from m2m_proxy.errors import (
 from m2m_proxy.frontdoor import FrontDoor
 from m2m_proxy.interception_ca import LeafCertificates
 from m2m_proxy.logs import Logger
+from m2m_proxy.metrics import Metrics
 from m2m_proxy.relay import Tunnel
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.target import Target, TunnelOrigin
@@ -120,6 +121,7 @@ class TunnelBroker:
         front_door: FrontDoor,
         leaves: LeafCertificates | None,
         log: Logger,
+        metrics: Metrics | None = None,
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -127,6 +129,11 @@ class TunnelBroker:
         self._leaves = leaves
         self._log = log
         self._tunnels: set[Tunnel] = set()
+        self._metrics = metrics if metrics is not None else Metrics()
+
+    def open_tunnels(self) -> dict[str, int]:
+        """Blind tunnels open now, by mode (for the open_tunnels gauge)."""
+        return {Mode.TUNNEL.value: len(self._tunnels)}
 
     async def handle_connect(self, sock: socket.socket) -> None:
         """Serve one connection that starts with CONNECT; the socket is ours."""
@@ -184,6 +191,7 @@ class TunnelBroker:
             minted = self._leaves.minted
             context = self._leaves.server_context(target.host)
             if self._leaves.minted != minted:
+                self._metrics.certificates_minted += 1
                 self._log.info("certificate_minted", route=decision.route, host=target.host)
             if context.sni_callback is None:
                 context.sni_callback = _remember_server_name
@@ -196,13 +204,12 @@ class TunnelBroker:
                 ssl_handshake_timeout=self._settings.tls_handshake_timeout_s,
             )
         except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
-            self._log.info(
-                "tls_intercept_failed",
-                route=decision.route,
-                reason=_handshake_failure(exc),
-            )
+            reason = _handshake_failure(exc)
+            self._metrics.handshake_failed(reason)
+            self._log.info("tls_intercept_failed", route=decision.route, reason=reason)
             sock.close()
             return
+        self._metrics.tunnel_opened(Mode.INTERCEPT.value)
         self._log.debug("tunnel_opened", mode=Mode.INTERCEPT.value, route=decision.route)
 
     async def _tunnel(
@@ -225,6 +232,7 @@ class TunnelBroker:
         try:
             if answer_connect:
                 await loop.sock_sendall(sock, _ESTABLISHED)
+            self._metrics.tunnel_opened(Mode.TUNNEL.value)
             self._log.debug("tunnel_opened", mode=Mode.TUNNEL.value, route=decision.route)
             stats = await tunnel.run(sock, idle_timeout_s=self._settings.tunnel_idle_timeout_s)
         except OSError:
@@ -233,6 +241,7 @@ class TunnelBroker:
             return
         finally:
             self._tunnels.discard(tunnel)
+        self._metrics.tunnel_closed(Mode.TUNNEL.value, stats.bytes_up, stats.bytes_down)
         self._log.info(
             "tunnel_closed",
             mode=Mode.TUNNEL.value,

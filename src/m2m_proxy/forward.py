@@ -8,7 +8,8 @@ aiohttp client errors are translated here, once, most specific first.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -37,6 +38,10 @@ class Exchange:
     token: str = "none"  # none | hit | refresh_ahead | miss
     replayed: str = "no"  # no | recovered | still_401 | not_replayable
     error: str = ""  # set when the exchange failed after the response started
+    waited: float = 0.0
+    """Seconds spent waiting for a token fetch or for upstream response headers."""
+    responded: float = 0.0
+    """When the response headers started back to the client (0: not yet)."""
 
 
 class Body:
@@ -98,7 +103,15 @@ async def _chain(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator
 
 
 class Forwarder:
-    def __init__(self, session: aiohttp.ClientSession, tokens: TokenCache, *, via: str) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        tokens: TokenCache,
+        *,
+        via: str,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._clock = clock
         self._session = session
         self._tokens = tokens
         self._via = via
@@ -135,21 +148,28 @@ class Forwarder:
                     exchange.token = "refresh_ahead"
                 else:
                     exchange.token = "miss"
+                    waiting = self._clock()
                     token = await self._tokens.obtain(key)
+                    exchange.waited += self._clock() - waiting
+        waiting = self._clock()
         resp = await self._send(
             request, url=url, host=host, token=token, body=body, via=via, tls=tls
         )
+        exchange.waited += self._clock() - waiting
         if resp.status == 401 and key is not None and token is not None:
             self._tokens.invalidate(key, token)
             if body.replayable:
                 resp.release()
+                waiting = self._clock()
                 token = await self._tokens.obtain(key)
                 resp = await self._send(
                     request, url=url, host=host, token=token, body=body, via=via, tls=tls
                 )
+                exchange.waited += self._clock() - waiting
                 exchange.replayed = "still_401" if resp.status == 401 else "recovered"
             else:
                 exchange.replayed = "not_replayable"
+        exchange.responded = self._clock()
         return await self._stream_back(request, resp, via, exchange)
 
     async def _send(

@@ -24,6 +24,7 @@ from m2m_proxy.errors import (
 )
 from m2m_proxy.forward import NO_BODY, Body, Exchange, Forwarder
 from m2m_proxy.logs import AccessLog
+from m2m_proxy.metrics import Metrics
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.target import Target, TunnelOrigin, parse_target, parse_tunneled_target
 
@@ -43,10 +44,12 @@ class ProxyHandler:
         *,
         clock: Callable[[], float] = time.perf_counter,
         upstream_tls: Callable[[RouteConfig], ssl.SSLContext | None] = lambda _route: None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``upstream_tls(route)`` is the TLS context for the route's upstream (None:
         the system store)."""
         self._upstream_tls = upstream_tls
+        self._metrics = metrics if metrics is not None else Metrics()
         self._routes = routes
         self._forwarder = forwarder
         self._settings = settings
@@ -102,14 +105,27 @@ class ProxyHandler:
         return response
 
     def _log_completed(self, request: web.BaseRequest, exchange: Exchange, status: int) -> None:
+        now = self._clock()
+        duration = now - exchange.started
         self._access_log.completed(
             route=exchange.route,
             method=request.method,
             status=status,
-            duration_s=self._clock() - exchange.started,
+            duration_s=duration,
             token_cache=exchange.token,
             retried=exchange.replayed,
             error=exchange.error,
+        )
+        responded = exchange.responded or now
+        self._metrics.request_completed(
+            route=exchange.route,
+            method=request.method,
+            status=status,
+            duration_s=duration,
+            added_s=responded - exchange.started - exchange.waited,
+            token=exchange.token,
+            replayed=exchange.replayed,
+            error=exchange.error or None,
         )
 
     def _upstream_of(self, target: Target, route: RouteConfig | None) -> tuple[URL, str]:

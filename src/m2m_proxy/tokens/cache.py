@@ -42,6 +42,27 @@ class _Failure:
     attempts: int
 
 
+@dataclass(slots=True)
+class _History:
+    fetches: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialState:
+    """What the cache knows about one credential, for ``/tokens``; never the token."""
+
+    key: CredentialKey
+    token: Token | None
+    fetches: int
+    last_error: str | None
+    """The error code of the last failed fetch (even if a later one succeeded)."""
+    last_error_at: float | None
+    held_until: float | None
+    """While a failure is held: when the next fetch may start."""
+
+
 class TokenCache:
     def __init__(
         self,
@@ -69,6 +90,7 @@ class TokenCache:
         self._failures: dict[CredentialKey, _Failure] = {}
         self._inflight: dict[CredentialKey, asyncio.Task[Token]] = {}
         self._fingerprints: dict[str, str] = {}
+        self._history: dict[CredentialKey, _History] = {}
         self._tasks = TaskSet()
 
     def peek(self, key: CredentialKey) -> Token | None:
@@ -146,20 +168,61 @@ class TokenCache:
         """The client's credentials are now ``fingerprint``: drop its tokens and held
         failures (the new credentials deserve a fresh try); returns tokens dropped."""
         self._fingerprints[client] = fingerprint
-        for held in [k for k in self._failures if k.client == client]:
-            del self._failures[held]
-        stale = [k for k in self._tokens if k.client == client]
-        for key in stale:
+        return self.flush(client)
+
+    def flush(self, client: str | None = None) -> int:
+        """Drop the cached tokens (of ``client``, or all) and held failures; returns
+        the number of tokens dropped. The next request fetches anew."""
+        keys = [k for k in self._tokens if client is None or k.client == client]
+        for key in keys:
             del self._tokens[key]
-        return len(stale)
+        for key in [k for k in self._failures if client is None or k.client == client]:
+            del self._failures[key]
+        return len(keys)
+
+    def states(self) -> list[CredentialState]:
+        """Every credential the cache has seen, for ``/tokens``."""
+        now = self._clock()
+        keys = dict.fromkeys([*self._history, *self._tokens])
+        out = []
+        for key in keys:
+            history = self._history.get(key, _History())
+            failure = self._failures.get(key)
+            out.append(
+                CredentialState(
+                    key=key,
+                    token=self._tokens.get(key),
+                    fetches=history.fetches,
+                    last_error=history.last_error,
+                    last_error_at=history.last_error_at,
+                    held_until=failure.until
+                    if failure is not None and failure.until > now
+                    else None,
+                )
+            )
+        return out
+
+    def expiries(self) -> dict[str, float]:
+        """Per client, seconds until its soonest-expiring cached token expires."""
+        now = self._clock()
+        out: dict[str, float] = {}
+        for key, token in self._tokens.items():
+            left = token.expires_at - now
+            if key.client not in out or left < out[key.client]:
+                out[key.client] = left
+        return out
 
     async def close(self) -> None:
         await self._tasks.cancel_all()
 
     async def _refresh(self, key: CredentialKey) -> Token:
+        history = self._history.get(key)
+        if history is None:
+            history = self._history[key] = _History()
         try:
             for _ in range(2):  # a second try only if the credentials changed meanwhile
                 sent_at = self._clock()
+                history.fetches += 1
                 grant = await self._fetch(key)
                 if self._fingerprints.get(key.client, grant.fingerprint) == grant.fingerprint:
                     break
@@ -167,6 +230,7 @@ class TokenCache:
             previous = self._failures.get(key)
             attempts = previous.attempts + 1 if previous is not None else 1
             hold = self._hold_for(exc, attempts)
+            history.last_error, history.last_error_at = exc.code, self._clock()
             self._failures[key] = _Failure(self._clock() + hold, exc, attempts)
             if self._on_failed is not None:
                 self._on_failed(key, exc)
