@@ -8,15 +8,16 @@ cache, and the proxy listener, and stops them in reverse (only what started).
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import aiohttp
 from aiohttp import web
 
 from m2m_proxy.admin import Readiness, admin_routes
-from m2m_proxy.config import Config
+from m2m_proxy.config import Config, ConfigError, ProxySettings, load_config
 from m2m_proxy.connect import TunnelBroker
 from m2m_proxy.errors import (
     TokenError,
@@ -24,6 +25,7 @@ from m2m_proxy.errors import (
     TokenResponseInvalidError,
     TokenTimeoutError,
 )
+from m2m_proxy.files import stamp
 from m2m_proxy.forward import Forwarder
 from m2m_proxy.frontdoor import FrontDoor
 from m2m_proxy.handler import ProxyHandler
@@ -62,6 +64,8 @@ class Runtime:
     material: ClientMaterial | None = None
     proxy_runner: web.ServerRunner | None = None
     proxy_port: int | None = None
+    handler: ProxyHandler | None = None
+    broker: TunnelBroker | None = None
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -114,6 +118,7 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
     log = rt.logs.events
 
     def material_changed(change: MaterialChange) -> None:
+        rt.logs.redactor.add(material.client(change.client).secrets)
         dropped = rt.tokens.forget_client(change.client, change.fingerprint) if rt.tokens else 0
         log.info(
             "client_credentials_changed",
@@ -262,6 +267,7 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
             leaves.close()
         raise
     rt.proxy_runner = runner
+    rt.handler, rt.broker = handler, broker
     rt.proxy_port = site.port
     rt.readiness.satisfy(LISTENING)
     rt.logs.events.info(
@@ -273,7 +279,10 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     rt.readiness.withdraw(LISTENING)
+    # HTTP connections and tunnels share one grace period, running side by side.
+    deadline = asyncio.get_running_loop().time() + settings.shutdown_grace_s
     await runner.cleanup()
+    await site.drain(deadline - asyncio.get_running_loop().time())
     if leaves is not None:
         leaves.close()
 
@@ -294,6 +303,56 @@ def _bound_port(runner: web.BaseRunner) -> int:
         if isinstance(address, tuple):
             return int(address[1])
     raise RuntimeError("the proxy listener has no bound address")
+
+
+LIVE_SETTINGS = frozenset(
+    {
+        "unmatched",
+        "connect_ports",
+        "replay_body_limit_bytes",
+        "tunnel_idle_timeout_s",
+        "tls_handshake_timeout_s",
+    }
+)
+"""proxy settings a reload applies at once; the others are bound into sockets, sessions
+or long-lived objects at start and wait for a restart."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    changed_clients: tuple[str, ...]
+    """Clients added, changed or removed: their cached tokens were dropped."""
+    restart_required: tuple[str, ...]
+    """proxy settings that changed but apply only after a restart."""
+
+
+def apply_config(rt: Runtime, new: Config) -> ReloadOutcome:
+    """Swap a validated config into the running proxy, atomically for new requests.
+
+    Requests and tunnels already running finish with what they matched; tokens of
+    clients whose settings (secrets included) did not change are kept.
+    """
+    if rt.handler is None or rt.broker is None or rt.material is None or rt.tokens is None:
+        raise RuntimeError("the proxy is not running")
+    old = rt.config.proxy
+    settings = replace(old, **{name: getattr(new.proxy, name) for name in LIVE_SETTINGS})
+    restart = tuple(
+        f.name
+        for f in fields(ProxySettings)
+        if f.name not in LIVE_SETTINGS and getattr(old, f.name) != getattr(new.proxy, f.name)
+    )
+    rt.logs.redactor.add(s for client in new.clients.values() for s in client.secrets)
+    changed = rt.material.replace_clients(new.clients)
+    for name in changed:
+        if name in new.clients:
+            rt.tokens.forget_client(name, rt.material.fingerprint(name))
+        else:
+            rt.tokens.flush(name)
+    routes = RouteTable(new.routes)
+    rt.handler.use(routes, settings)
+    rt.broker.use(routes, settings)
+    rt.config = replace(new, proxy=settings)
+    return ReloadOutcome(tuple(changed), restart)
 
 
 class ProxyServer:
@@ -333,6 +392,43 @@ class ProxyServer:
         self.admin_port = _bound_port(self._runner)
         self._log.info("admin_started", listen=f"{admin.host}:{self.admin_port}")
 
+    def reload(self, path: str) -> bool:
+        """Read ``path`` again and apply it if valid; True when applied. An invalid
+        file changes nothing: every problem is logged with its file:line."""
+        rt = self.runtime
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            rt.metrics.reload("failure")
+            self._log.error(
+                "config_reload_failed",
+                config=path,
+                problems=[str(problem) for problem in exc.problems],
+            )
+            return False
+        outcome = apply_config(rt, config)
+        rt.metrics.reload("success")
+        self._log.info(
+            "config_reloaded",
+            config=path,
+            routes=len(config.routes),
+            clients=len(config.clients),
+            changed_clients=list(outcome.changed_clients),
+            restart_required=list(outcome.restart_required),
+        )
+        return True
+
+    async def watch(self, path: str, interval_s: float = 1.0) -> None:
+        """Reload whenever ``path`` changes on disk (a ConfigMap symlink swap
+        included), checking every ``interval_s``; runs until cancelled."""
+        last = stamp(path)
+        while True:
+            await asyncio.sleep(interval_s)
+            current = stamp(path)
+            if current != last and current is not None:
+                last = current
+                self.reload(path)
+
     async def stop(self) -> None:
         """Readiness goes false at once; in-flight requests get the grace period."""
         self._log.info("shutdown_started", grace_s=self._config.proxy.shutdown_grace_s)
@@ -367,7 +463,21 @@ async def fetch_token(config: Config, spec: CredentialKey) -> TokenGrant:
         return await client.fetch(spec)
 
 
-async def serve(config: Config, logs: Logs, stop: asyncio.Event) -> None:
-    """Run the proxy and admin listeners until ``stop`` is set, then shut down."""
-    async with ProxyServer(config, logs):
-        await stop.wait()
+async def serve(
+    config: Config, logs: Logs, stop: asyncio.Event, *, path: str, watch: bool = False
+) -> None:
+    """Run the proxy and admin listeners until ``stop`` is set, then shut down.
+
+    SIGHUP reloads ``path``; with ``watch``, so does a change of the file.
+    """
+    loop = asyncio.get_running_loop()
+    async with ProxyServer(config, logs) as server:
+        loop.add_signal_handler(signal.SIGHUP, server.reload, path)
+        watcher = TaskSet()
+        if watch:
+            watcher.start(server.watch(path), name="config-watch")
+        try:
+            await stop.wait()
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            await watcher.cancel_all()

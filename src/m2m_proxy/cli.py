@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(args.config, args.destination, show_token=args.show_token)
     if args.command == "ca":
         return _ca_init(args.dir, args.common_name)
-    return _run(args.config)
+    return _run(args.config, watch=args.watch)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
         "destination", metavar="HOST[:PORT][/PATH]", help="or a full http(s):// URL"
     )
     subs["token"].add_argument("--show-token", action="store_true", help="print the token")
+    subs["run"].add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the routes file when it changes (SIGHUP always reloads)",
+    )
     text = "the interception CA for https (CONNECT) routes"
     ca = commands.add_parser("ca", help=text, description=text)
     ca_commands = ca.add_subparsers(dest="ca_command", required=True)
@@ -130,7 +135,7 @@ def _token(path: str, destination: str, *, show_token: bool) -> int:
     return 0
 
 
-def _run(path: str) -> int:
+def _run(path: str, *, watch: bool = False) -> int:
     config = _load(path)
     if config is None:
         return EXIT_CONFIG
@@ -144,7 +149,7 @@ def _run(path: str) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, logs, stop)
+        await serve(config, logs, stop, path=path, watch=watch)
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -131,6 +131,10 @@ class TunnelBroker:
         self._tunnels: set[Tunnel] = set()
         self._metrics = metrics if metrics is not None else Metrics()
 
+    def use(self, routes: RouteTable, settings: ProxySettings) -> None:
+        """Swap in a reloaded config; tunnels already open are not affected."""
+        self._routes, self._settings = routes, settings
+
     def open_tunnels(self) -> dict[str, int]:
         """Blind tunnels open now, by mode (for the open_tunnels gauge)."""
         return {Mode.TUNNEL.value: len(self._tunnels)}

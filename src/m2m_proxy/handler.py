@@ -56,6 +56,10 @@ class ProxyHandler:
         self._access_log = access_log
         self._clock = clock
 
+    def use(self, routes: RouteTable, settings: ProxySettings) -> None:
+        """Swap in a reloaded config; requests already running keep their route."""
+        self._routes, self._settings = routes, settings
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(started=self._clock())
         try:

@@ -44,6 +44,7 @@ class ProxySite(web.BaseSite):
         "_accepting",
         "_address",
         "_broker",
+        "_classifying",
         "_connections",
         "_log",
         "_peek_bytes",
@@ -69,6 +70,7 @@ class ProxySite(web.BaseSite):
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections = TaskSet()
+        self._classifying: set[asyncio.Task[None]] = set()
         self._peek_bytes = MAX_RECORD_BYTES if transparent else len(_CONNECT)
 
     @property
@@ -92,15 +94,23 @@ class ProxySite(web.BaseSite):
         self._accepting = self._connections.start(self._accept_loop(sock), name="proxy-accept")
 
     async def stop(self) -> None:
+        """Stop accepting and drop connections that have not said what they are yet;
+        tunnels keep running until :meth:`drain`."""
         if self._accepting is not None:
             self._accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accepting
         if self._sock is not None:
             self._sock.close()
+        for task in list(self._classifying):
+            task.cancel()
+        await super().stop()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Give tunnels up to ``timeout_s`` to end by themselves, then abort them."""
+        await self._connections.wait(timeout_s)
         self._broker.abort_all()
         await self._connections.cancel_all()
-        await super().stop()
 
     async def _accept_loop(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -119,9 +129,16 @@ class ProxySite(web.BaseSite):
     async def _dispatch(self, sock: socket.socket) -> None:
         """Hand ``sock`` to its owner; close it if none takes it."""
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         try:
-            async with asyncio.timeout(FIRST_BYTES_TIMEOUT_S):
-                head = await self._classify(loop, sock)
+            if task is not None:
+                self._classifying.add(task)
+            try:
+                async with asyncio.timeout(FIRST_BYTES_TIMEOUT_S):
+                    head = await self._classify(loop, sock)
+            finally:
+                if task is not None:
+                    self._classifying.discard(task)
             if head is None:
                 sock.close()
             elif head.startswith(_CONNECT):

@@ -44,7 +44,13 @@ class Redactor:
     """structlog processor masking secrets; ``secrets`` are exact strings to mask."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets = tuple(s for s in secrets if len(s) >= 4)
+        self._secrets: tuple[str, ...] = ()
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Mask these too (a secret read again from its file, a reloaded config)."""
+        known = set(self._secrets)
+        self._secrets += tuple(s for s in secrets if len(s) >= 4 and s not in known)
 
     def __call__(
         self, _logger: Any, _method: str, event: MutableMapping[str, Any]
@@ -78,6 +84,7 @@ def make_logger(
     stream: TextIO | None = None,
     json_output: bool | None = None,
     secrets: Iterable[str] = (),
+    redactor: Redactor | None = None,
 ) -> Logger:
     """A logger writing to ``stream`` (stdout): JSON lines unless it is a TTY."""
     out = stream if stream is not None else sys.stdout
@@ -92,7 +99,7 @@ def make_logger(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            Redactor(secrets),
+            redactor if redactor is not None else Redactor(secrets),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -221,6 +228,7 @@ class Logs:
 
     events: Logger
     access: AccessLog
+    redactor: Redactor
 
 
 def make_logs(
@@ -230,9 +238,10 @@ def make_logs(
     json_output: bool | None = None,
     secrets: Iterable[str] = (),
 ) -> Logs:
-    events = make_logger(level, stream=stream, json_output=json_output, secrets=secrets)
+    redactor = Redactor(secrets)
+    events = make_logger(level, stream=stream, json_output=json_output, redactor=redactor)
     access = AccessLog(events, level=level, stream=stream, json_output=json_output)
-    return Logs(events, access)
+    return Logs(events, access, redactor)
 
 
 class _AiohttpBridge(logging.Handler):

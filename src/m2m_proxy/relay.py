@@ -160,7 +160,14 @@ class Tunnel:
         if other.transport is None:  # upstream EOF before the client joined: sent on join
             return
         if not other.lost and not other.transport.is_closing() and other.transport.can_write_eof():
-            other.transport.write_eof()
+            try:
+                other.transport.write_eof()
+            except OSError:  # the other side is already gone (its peer closed, then reset)
+                self._end(self._first_eof)
+                for each in (side, other):
+                    if each.transport is not None and not each.lost:
+                        each.transport.abort()
+                return
         if other.eof:  # both directions done: close once the buffers are flushed
             self._end(self._first_eof)
             for each in (side, other):

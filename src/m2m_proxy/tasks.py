@@ -33,6 +33,12 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def wait(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the running tasks to finish by themselves."""
+        tasks = list(self._tasks)
+        if tasks and timeout_s > 0:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
     async def cancel_all(self) -> None:
         """Cancel every task and wait for them to finish."""
         tasks = list(self._tasks)

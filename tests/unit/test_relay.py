@@ -519,3 +519,38 @@ def test_ipv6_authority_is_bracketed_in_errors(run: Callable[[Scenario], None]) 
             await Tunnel.connect("::1", 1, connect_timeout_s=2.0)
 
     run(scenario)
+
+
+def test_a_client_that_closed_before_the_late_reply_ends_as_client(
+    run: Callable[[Scenario], None],
+) -> None:
+    """The client closes fully; the upstream's late reply makes the client's kernel reset,
+    so passing the upstream's EOF on fails: that is still a clean end by the client."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+            await asyncio.sleep(0.05)
+            writer.write(b"late answer")
+            await asyncio.sleep(0.05)
+            writer.close()
+
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        listening = socket.create_server(("127.0.0.1", 0))
+        listening.setblocking(False)
+        client = socket.create_connection(listening.getsockname())
+        accepted, _ = await loop.sock_accept(listening)
+        accepted.setblocking(False)
+        port = server.sockets[0].getsockname()[1]
+        relay = await Tunnel.connect("127.0.0.1", port, connect_timeout_s=2)
+        client.sendall(b"hello")
+        client.close()
+        stats = await relay.run(accepted, idle_timeout_s=5)
+        server.close()
+        await server.wait_closed()
+        listening.close()
+        assert (stats.bytes_up, stats.bytes_down, stats.closed_by) == (5, 11, "client")
+
+    run(scenario)

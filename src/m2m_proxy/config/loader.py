@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
@@ -78,7 +79,7 @@ def parse_config(text: str, file: str, environ: Mapping[str, str]) -> Config:
     )
     if problems or config is None:
         raise ConfigError(problems)
-    return config
+    return _apply_environment(config, environ, file)
 
 
 class _Checker(ClientChecks, RouteChecks):
@@ -231,16 +232,66 @@ class _Checker(ClientChecks, RouteChecks):
         return [p for p in ports if 1 <= p <= 65535]
 
     def _address(self, path: Path, value: str | int) -> Address:
-        text = f"127.0.0.1:{value}" if isinstance(value, int) or value.isdecimal() else value
         try:
-            host, port = split_authority(text, allow_zero=True)
-        except AuthorityError as exc:
-            self.problem(path, f"{exc}; write host:port, e.g. 127.0.0.1:8080")
+            return parse_address(value)
+        except ValueError as exc:
+            self.problem(path, str(exc))
             return Address("127.0.0.1", 0)
-        if port is None:
-            self.problem(path, f"'{text}' has no port; write host:port, e.g. 127.0.0.1:8080")
-            return Address(host, 0)
-        return Address(host, port)
+
+
+def parse_address(value: str | int) -> Address:
+    """``host:port``, or a bare port on 127.0.0.1; ValueError says how to write it."""
+    text = f"127.0.0.1:{value}" if isinstance(value, int) or value.isdecimal() else value
+    try:
+        host, port = split_authority(text, allow_zero=True)
+    except AuthorityError as exc:
+        raise ValueError(f"{exc}; write host:port, e.g. 127.0.0.1:8080") from None
+    if port is None:
+        raise ValueError(f"'{text}' has no port; write host:port, e.g. 127.0.0.1:8080")
+    return Address(host, port)
+
+
+ENVIRONMENT_OVERRIDES = {
+    "M2M_PROXY_LISTEN": "listen",
+    "M2M_PROXY_ADMIN_LISTEN": "admin_listen",
+    "M2M_PROXY_LOG_LEVEL": "log_level",
+}
+"""Environment variables that override proxy settings of the file (12-factor)."""
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _apply_environment(config: Config, environ: Mapping[str, str], file: str) -> Config:
+    changes: dict[str, Any] = {}
+    problems = []
+    for variable, field in ENVIRONMENT_OVERRIDES.items():
+        value = environ.get(variable, "").strip()
+        if not value:
+            continue
+        try:
+            if field == "log_level":
+                if value.lower() not in LOG_LEVELS:
+                    raise ValueError(f"'{value}' is not one of {', '.join(LOG_LEVELS)}")
+                changes[field] = value.lower()
+            else:
+                changes[field] = parse_address(value)
+        except ValueError as exc:
+            problems.append(Problem(file, None, f"{variable} (environment)", str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    proxy = replace(config.proxy, **changes)
+    if proxy.listen == proxy.admin_listen and proxy.listen.port != 0:
+        raise ConfigError(
+            [
+                Problem(
+                    file,
+                    None,
+                    "proxy.admin_listen",
+                    "must differ from proxy.listen "
+                    "(after the M2M_PROXY_* environment overrides); pick another port",
+                )
+            ]
+        )
+    return replace(config, proxy=proxy)
 
 
 def _data_path(data: Any, loc: tuple[str | int, ...]) -> Path:

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import secrets
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from m2m_proxy.config import ClientConfig, RouteConfig, Secret
+from m2m_proxy.files import Stamp, stamp
 from m2m_proxy.keys import SigningKeyError, check_alg
 from m2m_proxy.tls import client_context
-
-_Stamp = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +55,8 @@ class ClientMaterial:
         self._problems: dict[str, str] = {}
         self._clients = dict(clients)
         self._key = secrets.token_bytes(32)
-        self._stamps: dict[str, _Stamp | None] = {
-            path: _stamp(path) for client in clients.values() for path in client.files
+        self._stamps: dict[str, Stamp | None] = {
+            path: stamp(path) for client in clients.values() for path in client.files
         }
         self._fingerprints = {name: self._fingerprint(c) for name, c in clients.items()}
         self._contexts: dict[str, ssl.SSLContext | None] = {}
@@ -105,7 +103,7 @@ class ClientMaterial:
         """
         changes: list[MaterialChange] = []
         for name, client in self._clients.items():
-            changed = [p for p in client.files if _stamp(p) != self._stamps.get(p)]
+            changed = [p for p in client.files if stamp(p) != self._stamps.get(p)]
             if not changed:
                 continue
             try:
@@ -118,7 +116,7 @@ class ClientMaterial:
                 continue
             self._problems.pop(name, None)
             for path in changed:
-                self._stamps[path] = _stamp(path)
+                self._stamps[path] = stamp(path)
             fingerprint = self._fingerprint(updated)
             self._clients[name] = updated
             self._contexts.pop(name, None)
@@ -131,6 +129,30 @@ class ClientMaterial:
                 if self._on_change is not None:
                     self._on_change(change)
         return changes
+
+    def replace_clients(self, clients: Mapping[str, ClientConfig]) -> list[str]:
+        """A reloaded config's clients; returns the names added, changed or removed
+        (whose tokens must go). Unchanged clients keep their state."""
+        changed = sorted(
+            name
+            for name in self._clients.keys() | clients.keys()
+            if self._clients.get(name) != clients.get(name)
+        )
+        self._clients = dict(clients)
+        for name in changed:
+            self._contexts.pop(name, None)
+            for key in [k for k in self._upstream_contexts if k[0] == name]:
+                del self._upstream_contexts[key]
+            self._problems.pop(name, None)
+            self._fingerprints.pop(name, None)
+            if name in clients:
+                self._fingerprints[name] = self._fingerprint(clients[name])
+        self._stamps = {
+            path: stamp(path) if name in changed else self._stamps.get(path)
+            for name, client in clients.items()
+            for path in client.files
+        }
+        return changed
 
     @property
     def has_files(self) -> bool:
@@ -152,14 +174,6 @@ class ClientMaterial:
             for path in (client.certificate.cert_file, client.certificate.key_file):
                 digest.update(b"c" + _read_bytes(path) + b"\0")
         return digest.hexdigest()
-
-
-def _stamp(path: str) -> _Stamp | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _reread(client: ClientConfig) -> ClientConfig:
