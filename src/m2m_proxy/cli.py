@@ -1,5 +1,5 @@
-"""Command line: ``m2m-proxy run|check|token --config FILE`` and ``m2m-proxy ca init
---dir DIR``. argv in, exit code out.
+"""Command line: ``m2m-proxy run|check|token --config FILE``, ``m2m-proxy ca init
+--dir DIR`` and ``m2m-proxy schema``. argv in, exit code out.
 
 Exit codes: 0 success, 2 invalid configuration or usage, 1 runtime failure.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from m2m_proxy.app import fetch_token, serve
 from m2m_proxy.config import Config, ConfigError, load_config
+from m2m_proxy.config.schema import json_schema
 from m2m_proxy.diagnose import describe_route, describe_token, resolve
 from m2m_proxy.errors import ProxyError, TokenError
 from m2m_proxy.interception_ca import CAError, init_ca
@@ -30,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config)
     if args.command == "token":
         return _token(args.config, args.destination, show_token=args.show_token)
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
     if args.command == "ca":
         return _ca_init(args.dir, args.common_name)
     return _run(args.config, watch=args.watch)
@@ -65,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="reload the routes file when it changes (SIGHUP always reloads)",
     )
+    text = "print the JSON Schema of the routes file (for editors: yaml-language-server)"
+    commands.add_parser("schema", help=text, description=text)
     text = "the interception CA for https (CONNECT) routes"
     ca = commands.add_parser("ca", help=text, description=text)
     ca_commands = ca.add_subparsers(dest="ca_command", required=True)

@@ -187,3 +187,15 @@ class RoutesFile(_Section):
     proxy: ProxySection = Field(default_factory=ProxySection)
     clients: dict[str, ClientSection] = Field(default_factory=dict)
     routes: list[RouteSection] = Field(default_factory=list)
+
+
+def json_schema() -> dict[str, object]:
+    """The JSON Schema of the routes file (``m2m-proxy schema``), for editors and CI."""
+    schema = RoutesFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "m2m-proxy routes file"
+    schema["description"] = (
+        "Shape and defaults of the routes file; `m2m-proxy check` also runs the "
+        "cross-field rules (client references, files, URLs, wildcards)."
+    )
+    return schema
