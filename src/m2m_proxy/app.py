@@ -19,6 +19,7 @@ from aiohttp import web
 from m2m_proxy.admin import Readiness, admin_routes
 from m2m_proxy.config import Config, ConfigError, ProxySettings, load_config
 from m2m_proxy.connect import TunnelBroker
+from m2m_proxy.egress import EgressPolicy, FilteringResolver
 from m2m_proxy.errors import (
     TokenError,
     TokenRejectedError,
@@ -60,6 +61,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     gauges: Gauges = field(default_factory=Gauges)
     upstream_session: aiohttp.ClientSession | None = None
+    guarded_session: aiohttp.ClientSession | None = None
+    egress: EgressPolicy | None = None
     tokens: TokenCache | None = None
     material: ClientMaterial | None = None
     proxy_runner: web.ServerRunner | None = None
@@ -90,11 +93,13 @@ def build_app(config: Config, logs: Logs) -> web.Application:
     return app
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    rt = app[RUNTIME]
-    settings = rt.config.proxy
-    rt.upstream_session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
+def _forwarding_session(
+    settings: ProxySettings, resolver: aiohttp.abc.AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, keepalive_timeout=30, resolver=resolver
+        ),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -103,8 +108,19 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         ),
         trust_env=False,
     )
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """Two pools: routed upstreams (named by the config), and everything else, whose
+    resolver enforces the egress policy."""
+    rt = app[RUNTIME]
+    settings = rt.config.proxy
+    rt.egress = EgressPolicy(settings)
+    rt.upstream_session = _forwarding_session(settings)
+    rt.guarded_session = _forwarding_session(settings, FilteringResolver(rt.egress))
     yield
     await rt.upstream_session.close()
+    await rt.guarded_session.close()
 
 
 async def _token_cache(app: web.Application) -> AsyncIterator[None]:
@@ -215,10 +231,12 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
 
 async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    if rt.upstream_session is None or rt.tokens is None or rt.material is None:
+    if rt.upstream_session is None or rt.tokens is None or rt.material is None or rt.egress is None:
         raise RuntimeError("the proxy listener needs the session and token cache started first")
     settings = rt.config.proxy
-    forwarder = Forwarder(rt.upstream_session, rt.tokens, via=settings.name)
+    forwarder = Forwarder(
+        rt.upstream_session, rt.tokens, via=settings.name, guarded_session=rt.guarded_session
+    )
     routes = RouteTable(rt.config.routes)
     handler = ProxyHandler(
         routes,
@@ -245,6 +263,7 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         leaves=leaves,
         log=rt.logs.events,
         metrics=rt.metrics,
+        egress=rt.egress,
     )
     rt.gauges.open_connections = lambda: len(server.connections)
     rt.gauges.open_tunnels = broker.open_tunnels
@@ -268,6 +287,7 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         raise
     rt.proxy_runner = runner
     rt.handler, rt.broker = handler, broker
+    rt.egress.set_own([(settings.listen.host, site.port)])
     rt.proxy_port = site.port
     rt.readiness.satisfy(LISTENING)
     rt.logs.events.info(

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "ca":
         return _ca_init(args.dir, args.common_name)
-    return _run(args.config, watch=args.watch)
+    return _run(args.config, watch=args.watch, allow_open=args.allow_open_listener)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         "--watch",
         action="store_true",
         help="reload the routes file when it changes (SIGHUP always reloads)",
+    )
+    subs["run"].add_argument(
+        "--allow-open-listener",
+        action="store_true",
+        help="start even though a non-loopback listener has no allow_from/allow_users "
+        "(something else, e.g. a network policy, limits who can reach it)",
     )
     text = "print the JSON Schema of the routes file (for editors: yaml-language-server)"
     commands.add_parser("schema", help=text, description=text)
@@ -110,6 +116,8 @@ def _check(path: str) -> int:
     config = _load(path)
     if config is None:
         return EXIT_CONFIG
+    if config.open_listener is not None:
+        print(f"{path}: warning: {config.open_listener}", file=sys.stderr)
     print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
     return 0
 
@@ -142,9 +150,12 @@ def _token(path: str, destination: str, *, show_token: bool) -> int:
     return 0
 
 
-def _run(path: str, *, watch: bool = False) -> int:
+def _run(path: str, *, watch: bool = False, allow_open: bool = False) -> int:
     config = _load(path)
     if config is None:
+        return EXIT_CONFIG
+    if config.open_listener is not None and not allow_open:
+        print(f"{path}: refusing to start: {config.open_listener}", file=sys.stderr)
         return EXIT_CONFIG
     secrets = [s for c in config.clients.values() for s in c.secrets]
     logs = make_logs(config.proxy.log_level, secrets=secrets)

@@ -26,14 +26,19 @@ from enum import StrEnum
 from http import HTTPStatus
 from typing import Any
 
+from m2m_proxy.access import Access
 from m2m_proxy.authority import AuthorityError, canonical_port, effective_port, split_authority
 from m2m_proxy.clienthello import ClientHelloError, parse_client_hello
 from m2m_proxy.config import HttpsMode, ProxySettings, Unmatched
+from m2m_proxy.egress import EgressPolicy
 from m2m_proxy.errors import (
     BadRequestError,
+    DestinationDeniedError,
+    LoopDetectedError,
     ProxyError,
     RouteDeniedError,
     UpstreamError,
+    UpstreamUnreachableError,
     render_problem,
 )
 from m2m_proxy.frontdoor import FrontDoor
@@ -95,6 +100,8 @@ def parse_connect_head(head: bytes) -> Target:
     except UnicodeDecodeError:
         raise BadRequestError("the CONNECT request is not ASCII") from None
     line, _, _headers = text.partition("\r\n")
+    if "\x00" in text or "\r" in line or "\n" in line:
+        raise BadRequestError("the CONNECT request contains control characters")
     parts = line.split(" ")
     if len(parts) != 3 or parts[0] != "CONNECT" or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise BadRequestError("write the request line as CONNECT host:port HTTP/1.1")
@@ -110,6 +117,19 @@ def parse_connect_head(head: bytes) -> Target:
     return Target("https", host, canonical_port("https", port), "/")
 
 
+def header_of(head: bytes, name: str) -> str | None:
+    """The value of header ``name`` in a request head, None if absent or repeated."""
+    found = None
+    wanted = name.lower().encode()
+    for line in head.split(b"\r\n")[1:]:
+        field, sep, value = line.partition(b":")
+        if sep and field.strip().lower() == wanted:
+            if found is not None:
+                return None
+            found = value.strip().decode("latin-1")
+    return found
+
+
 class TunnelBroker:
     """Answers CONNECT and transparent TLS connections; owns their tunnels."""
 
@@ -122,6 +142,7 @@ class TunnelBroker:
         leaves: LeafCertificates | None,
         log: Logger,
         metrics: Metrics | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self._routes = routes
         self._settings = settings
@@ -130,9 +151,12 @@ class TunnelBroker:
         self._log = log
         self._tunnels: set[Tunnel] = set()
         self._metrics = metrics if metrics is not None else Metrics()
+        self._egress = egress if egress is not None else EgressPolicy(settings)
+        self._access = Access(settings.access, settings.users)
 
     def use(self, routes: RouteTable, settings: ProxySettings) -> None:
         """Swap in a reloaded config; tunnels already open are not affected."""
+        self._access = Access(settings.access, settings.users)
         self._routes, self._settings = routes, settings
 
     def open_tunnels(self) -> dict[str, int]:
@@ -145,6 +169,7 @@ class TunnelBroker:
             head = await _read_head(sock, self._settings.tls_handshake_timeout_s)
             target = parse_connect_head(head)
             decision = decide(target, self._routes, self._settings)
+            user = self._check_access(sock, target, header_of(head, "Proxy-Authorization"))
         except ProxyError as exc:
             self._log.info("connect_refused", code=exc.code, status=exc.status)
             await _refuse(sock, exc, self._settings.name)
@@ -152,7 +177,7 @@ class TunnelBroker:
         except (OSError, TimeoutError):
             sock.close()
             return
-        await self._serve(sock, target, decision, answer_connect=True)
+        await self._serve(sock, target, decision, answer_connect=True, user=user)
 
     async def handle_tls(self, sock: socket.socket, head: bytes) -> None:
         """Serve a redirected connection whose first record (``head``) is a ClientHello."""
@@ -170,33 +195,52 @@ class TunnelBroker:
             host, _ = split_authority(hello.server_name)
             target = Target("https", host, None, "/")
             decision = decide(target, self._routes, self._settings)
+            user = self._check_access(sock, target, None)
         except (AuthorityError, ProxyError) as exc:
             self._log.info("transparent_refused", reason=str(exc), sni=hello.server_name)
             sock.close()  # no HTTP to answer with: the client is speaking TLS
             return
-        await self._serve(sock, target, decision, answer_connect=False)
+        await self._serve(sock, target, decision, answer_connect=False, user=user)
+
+    def _check_access(
+        self, sock: socket.socket, target: Target, proxy_authorization: str | None
+    ) -> str | None:
+        """allow_from / allow_users of the host's route (or the default); the user."""
+        route = self._routes.covering(target)
+        try:
+            peer = str(sock.getpeername()[0])
+        except OSError:
+            peer = None
+        policy = route.access if route is not None else None
+        return self._access.check(policy, peer, proxy_authorization)
 
     async def _serve(
-        self, sock: socket.socket, target: Target, decision: Decision, *, answer_connect: bool
+        self,
+        sock: socket.socket,
+        target: Target,
+        decision: Decision,
+        *,
+        answer_connect: bool,
+        user: str | None,
     ) -> None:
         if decision.mode is Mode.INTERCEPT:
-            await self._intercept(sock, target, decision, answer_connect=answer_connect)
+            origin = TunnelOrigin(target.host, target.port, user=user)
+            await self._intercept(sock, origin, decision, answer_connect=answer_connect)
         else:
             await self._tunnel(sock, target, decision, answer_connect=answer_connect)
 
     async def _intercept(
-        self, sock: socket.socket, target: Target, decision: Decision, *, answer_connect: bool
+        self, sock: socket.socket, origin: TunnelOrigin, decision: Decision, *, answer_connect: bool
     ) -> None:
         if self._leaves is None:  # decide() only intercepts with a CA
             raise RuntimeError("interception without a CA")
         loop = asyncio.get_running_loop()
-        origin = TunnelOrigin(target.host, target.port)
         try:
             minted = self._leaves.minted
-            context = self._leaves.server_context(target.host)
+            context = self._leaves.server_context(origin.host)
             if self._leaves.minted != minted:
                 self._metrics.certificates_minted += 1
-                self._log.info("certificate_minted", route=decision.route, host=target.host)
+                self._log.info("certificate_minted", route=decision.route, host=origin.host)
             if context.sni_callback is None:
                 context.sni_callback = _remember_server_name
             if answer_connect:
@@ -222,10 +266,21 @@ class TunnelBroker:
         loop = asyncio.get_running_loop()
         port = effective_port("https", target.port)
         try:
+            address = target.host
+            if decision.route is None:  # passthrough: the egress policy picks the address
+                address = await self._egress.resolve(target.host, port)
             tunnel = await Tunnel.connect(
-                target.host, port, connect_timeout_s=self._settings.connect_timeout_s
+                address, port, connect_timeout_s=self._settings.connect_timeout_s
             )
-        except UpstreamError as exc:
+        except OSError:
+            exc = UpstreamUnreachableError(f"cannot resolve {target.host}")
+            self._log.info("connect_failed", route=decision.route, code=exc.code)
+            if answer_connect:
+                await _refuse(sock, exc, self._settings.name)
+            else:
+                sock.close()
+            return
+        except (UpstreamError, DestinationDeniedError, LoopDetectedError) as exc:
             self._log.info("connect_failed", route=decision.route, code=exc.code)
             if answer_connect:
                 await _refuse(sock, exc, self._settings.name)

@@ -5,7 +5,12 @@ The hierarchy is deliberately shallow::
     ProxyError                      status  code
     ├── BadRequestError               400   bad_request
     ├── RouteDeniedError              403   route_denied
+    ├── AccessDeniedError             403   access_denied
+    ├── DestinationDeniedError        403   destination_denied
+    ├── ProxyAuthRequiredError        407   proxy_auth_required
+    ├── MethodNotAllowedError         405   method_not_allowed
     ├── MisdirectedRequestError       421   misdirected_request
+    ├── LoopDetectedError             508   loop_detected
     ├── NotSupportedError             501   not_supported
     ├── TokenError                          (the IdP side)
     │   ├── TokenUnavailableError     502   token_unavailable
@@ -68,6 +73,48 @@ class RouteDeniedError(ProxyError):
     code = "route_denied"
     proxy_status = "http_request_denied"
     title = "No route allows this destination"
+
+
+class AccessDeniedError(ProxyError):
+    """The client's address may not use this route (allow_from)."""
+
+    status = 403
+    code = "access_denied"
+    proxy_status = "http_request_denied"
+    title = "This client may not use this route"
+
+
+class DestinationDeniedError(ProxyError):
+    """Egress policy: the destination resolves to a private, loopback, link-local or
+    metadata address that no route or allow_destinations entry names."""
+
+    status = 403
+    code = "destination_denied"
+    proxy_status = "destination_ip_prohibited"
+    title = "The destination address is not allowed"
+
+
+class ProxyAuthRequiredError(ProxyError):
+    """allow_users: no, or wrong, Proxy-Authorization: Basic credentials."""
+
+    status = 407
+    code = "proxy_auth_required"
+    proxy_status = "http_request_denied"
+    title = "Proxy authentication is required for this route"
+
+
+class MethodNotAllowedError(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+    proxy_status = "http_request_denied"
+    title = "The method is not allowed through this route"
+
+
+class LoopDetectedError(ProxyError):
+    status = 508
+    code = "loop_detected"
+    proxy_status = "proxy_loop_detected"
+    title = "The request would loop back to this proxy"
 
 
 class MisdirectedRequestError(ProxyError):
@@ -173,6 +220,8 @@ def render_problem(error: ProxyError, proxy_name: str) -> tuple[int, dict[str, s
     }
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    if isinstance(error, ProxyAuthRequiredError):
+        headers["Proxy-Authenticate"] = f'Basic realm="{_sf_escape(proxy_name)}", charset="UTF-8"'
     return error.status, headers, json.dumps(body).encode()
 
 

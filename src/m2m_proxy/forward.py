@@ -17,7 +17,9 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from m2m_proxy.egress import DestinationBlockedError
 from m2m_proxy.errors import (
+    DestinationDeniedError,
     ProxyError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
@@ -110,9 +112,13 @@ class Forwarder:
         *,
         via: str,
         clock: Callable[[], float] = time.perf_counter,
+        guarded_session: aiohttp.ClientSession | None = None,
     ) -> None:
+        """``guarded_session`` carries requests no route names (its resolver enforces
+        the egress policy); without it they use ``session``."""
         self._clock = clock
         self._session = session
+        self._guarded = guarded_session if guarded_session is not None else session
         self._tokens = tokens
         self._via = via
         self._via_by_version = {
@@ -129,6 +135,7 @@ class Forwarder:
         body: Body,
         exchange: Exchange,
         tls: ssl.SSLContext | None = None,
+        guarded: bool = False,
     ) -> web.StreamResponse:
         """Send upstream (with a token when ``key`` is set), replay once on 401, stream back.
 
@@ -152,8 +159,9 @@ class Forwarder:
                     token = await self._tokens.obtain(key)
                     exchange.waited += self._clock() - waiting
         waiting = self._clock()
+        session = self._guarded if guarded else self._session
         resp = await self._send(
-            request, url=url, host=host, token=token, body=body, via=via, tls=tls
+            session, request, url=url, host=host, token=token, body=body, via=via, tls=tls
         )
         exchange.waited += self._clock() - waiting
         if resp.status == 401 and key is not None and token is not None:
@@ -163,7 +171,7 @@ class Forwarder:
                 waiting = self._clock()
                 token = await self._tokens.obtain(key)
                 resp = await self._send(
-                    request, url=url, host=host, token=token, body=body, via=via, tls=tls
+                    session, request, url=url, host=host, token=token, body=body, via=via, tls=tls
                 )
                 exchange.waited += self._clock() - waiting
                 exchange.replayed = "still_401" if resp.status == 401 else "recovered"
@@ -174,6 +182,7 @@ class Forwarder:
 
     async def _send(
         self,
+        session: aiohttp.ClientSession,
         request: web.BaseRequest,
         *,
         url: URL,
@@ -192,7 +201,7 @@ class Forwarder:
         if body.length is not None:
             headers["Content-Length"] = str(body.length)
         try:
-            return await self._session.request(
+            return await session.request(
                 request.method,
                 url,
                 headers=headers,
@@ -208,6 +217,8 @@ class Forwarder:
         except aiohttp.ClientSSLError as exc:
             raise UpstreamTlsError("TLS with the upstream failed") from exc
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, DestinationBlockedError):
+                raise DestinationDeniedError(str(exc.os_error)) from None
             raise UpstreamUnreachableError(
                 f"cannot connect to the upstream ({exc.strerror or 'connection failed'})"
             ) from exc

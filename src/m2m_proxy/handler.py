@@ -15,14 +15,20 @@ from collections.abc import Callable
 from aiohttp import web
 from yarl import URL
 
+from m2m_proxy.access import Access
+from m2m_proxy.authority import effective_port
 from m2m_proxy.config import ProxySettings, RouteConfig, Unmatched
+from m2m_proxy.egress import EgressPolicy
 from m2m_proxy.errors import (
+    LoopDetectedError,
+    MethodNotAllowedError,
     NotSupportedError,
     ProxyError,
     RouteDeniedError,
     render_problem,
 )
 from m2m_proxy.forward import NO_BODY, Body, Exchange, Forwarder
+from m2m_proxy.headers import received_by
 from m2m_proxy.logs import AccessLog
 from m2m_proxy.metrics import Metrics
 from m2m_proxy.routing import RouteTable
@@ -45,11 +51,15 @@ class ProxyHandler:
         clock: Callable[[], float] = time.perf_counter,
         upstream_tls: Callable[[RouteConfig], ssl.SSLContext | None] = lambda _route: None,
         metrics: Metrics | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         """``upstream_tls(route)`` is the TLS context for the route's upstream (None:
         the system store)."""
         self._upstream_tls = upstream_tls
         self._metrics = metrics if metrics is not None else Metrics()
+        self._egress = egress if egress is not None else EgressPolicy(settings)
+        self._access = Access(settings.access, settings.users)
+        self._name = settings.name
         self._routes = routes
         self._forwarder = forwarder
         self._settings = settings
@@ -58,6 +68,7 @@ class ProxyHandler:
 
     def use(self, routes: RouteTable, settings: ProxySettings) -> None:
         """Swap in a reloaded config; requests already running keep their route."""
+        self._access = Access(settings.access, settings.users)
         self._routes, self._settings = routes, settings
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -82,6 +93,7 @@ class ProxyHandler:
                     f"no route matches host '{target.host}'; add a route for it or set "
                     "proxy.unmatched: passthrough"
                 )
+            self._guard(request, target, route, tunnel)
             url, host = self._upstream_of(target, route)
             body = (
                 await Body.read(request, self._settings.replay_body_limit_bytes)
@@ -96,6 +108,7 @@ class ProxyHandler:
                 body=body,
                 exchange=exchange,
                 tls=self._upstream_tls(route) if route is not None else None,
+                guarded=route is None,
             )
         except ProxyError as exc:
             exchange.error = exc.code
@@ -107,6 +120,33 @@ class ProxyHandler:
             raise
         self._log_completed(request, exchange, response.status)
         return response
+
+    def _guard(
+        self,
+        request: web.BaseRequest,
+        target: Target,
+        route: RouteConfig | None,
+        tunnel: TunnelOrigin | None,
+    ) -> None:
+        """Before any body is read: access, loops, TRACE, the egress of passthrough."""
+        rule = route.access if route is not None and route.access is not None else None
+        default = self._settings.access
+        if rule is not None or default.allow_from is not None or default.allow_users is not None:
+            self._access.check(
+                rule,
+                request.remote,
+                request.headers.get("Proxy-Authorization"),
+                user=tunnel.user if tunnel is not None else None,
+            )
+        via = request.headers.get("Via")
+        if via is not None and self._name in received_by(via):
+            raise LoopDetectedError(f"the request already passed through '{self._name}'")
+        if route is None:
+            self._egress.check_literal(target.host, effective_port(target.scheme, target.port))
+        elif request.method == "TRACE":
+            raise MethodNotAllowedError(
+                "TRACE is refused on routes that add a token: it would echo the token back"
+            )
 
     def _log_completed(self, request: web.BaseRequest, exchange: Exchange, status: int) -> None:
         now = self._clock()

@@ -65,13 +65,24 @@ def upstream_request_headers(
     out[_HOST] = host
     for name, value in incoming.items():
         lname = name.lower()
-        if lname in drop or lname.startswith("proxy-") or lname in named:
-            continue
+        if lname in drop or lname.startswith("proxy-") or lname in named or "_" in name:
+            continue  # underscores: X_Auth vs X-Auth ambiguity in CGI-style upstreams
         out.add(name, value)
     if authorization is not None:
         out[_AUTHORIZATION] = authorization
     out.add(_VIA, via)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def received_by(via: str) -> frozenset[str]:
+    """The received-by names of a Via header value: '1.1 a, HTTP/1.0 b (c)' → {a, b}."""
+    names = set()
+    for element in via.split(","):
+        parts = element.split()
+        if len(parts) >= 2:
+            names.add(parts[1])
+    return frozenset(names)
 
 
 def downstream_response_headers(incoming: CIMultiDictProxy[str], *, via: str) -> CIMultiDict[str]:

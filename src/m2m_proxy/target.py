@@ -81,6 +81,8 @@ class TunnelOrigin(NamedTuple):
     host: str
     port: int | None
     sni_mismatch: bool = False
+    user: str | None = None
+    """The proxy user authenticated at CONNECT (allow_users), for every request inside."""
 
     @property
     def authority(self) -> str:

@@ -208,7 +208,9 @@ async def test_large_chunked_upload_streams_intact_beyond_the_replay_limit() -> 
 
 async def test_unmatched_passthrough_forwards_without_a_token() -> None:
     async with fake_server(_idp) as idp, fake_server(_echo) as api:
-        routes = _routes(idp, api, "  unmatched: passthrough").replace(
+        # the fake API is on loopback, which the egress policy refuses unless allowed
+        extra = "  unmatched: passthrough\n  allow_destinations: [127.0.0.1/32]"
+        routes = _routes(idp, api, extra).replace(
             f"  - host: 127.0.0.1:{api.url.rsplit(':', 1)[1]}\n    client: svc\n", ""
         )
         async with running_proxy(routes) as proxy:
@@ -302,3 +304,24 @@ async def test_a_client_that_hangs_up_is_logged_as_499_client_closed() -> None:
     assert event["status"] == 499
     assert event["error"] == "client_closed"
     assert event["route"] == "api.test"
+
+
+async def test_passthrough_to_loopback_is_refused_by_the_egress_policy() -> None:
+    async with fake_server(_idp) as idp, fake_server(_echo) as api:
+        routes = _routes(idp, api, "  unmatched: passthrough").replace(
+            f"  - host: 127.0.0.1:{api.url.rsplit(':', 1)[1]}\n    client: svc\n", ""
+        )
+        port = api.url.rsplit(":", 1)[1]
+        async with running_proxy(routes) as proxy, aiohttp.ClientSession() as client:
+            for url in (
+                f"{api.url}/open",  # literal
+                f"http://localhost:{port}/open",  # a name resolving to loopback
+                f"http://2130706433:{port}/open",  # decimal form of 127.0.0.1
+                f"http://[::ffff:127.0.0.1]:{port}/open",  # IPv4-mapped IPv6
+                "http://169.254.169.254/latest/meta-data/",  # cloud metadata
+                "http://metadata.google.internal/computeMetadata/v1/",
+            ):
+                async with client.get(url, proxy=proxy.url) as resp:
+                    body = await resp.json()
+                    assert (resp.status, body["code"]) == (403, "destination_denied"), url
+    assert api.requests == []

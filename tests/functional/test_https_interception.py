@@ -792,7 +792,9 @@ async def test_passthrough_tunnels_unrouted_hosts_on_allowed_ports(
             pki,
             upstream,
             unmatched="passthrough",
-            proxy_extra=f"  connect_ports: [443, {upstream.port}]\n",
+            # the test upstream is on loopback: the egress policy must be told
+            proxy_extra=f"  connect_ports: [443, {upstream.port}]\n"
+            "  allow_destinations: [127.0.0.1/32]\n",
         )
         async with running_proxy(routes) as proxy:
             connect_status, status, body = await _curl(

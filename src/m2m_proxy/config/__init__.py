@@ -2,6 +2,7 @@
 
 from m2m_proxy.config.loader import ConfigError, load_config, parse_config
 from m2m_proxy.config.model import (
+    AccessPolicy,
     Address,
     AuthMethod,
     ClientCertificate,
@@ -19,6 +20,7 @@ from m2m_proxy.config.model import (
 from m2m_proxy.config.source import Problem
 
 __all__ = [
+    "AccessPolicy",
     "Address",
     "AuthMethod",
     "ClientCertificate",

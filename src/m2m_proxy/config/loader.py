@@ -7,6 +7,7 @@ one as ``FILE:LINE:COL: field.path: what is wrong; how to fix``.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import replace
@@ -24,7 +25,9 @@ from m2m_proxy.config.model import (
     Address,
     ClientConfig,
     Config,
+    Network,
     ProxySettings,
+    Secret,
     Unmatched,
 )
 from m2m_proxy.config.route_checks import RouteChecks
@@ -130,7 +133,8 @@ class _Checker(ClientChecks, RouteChecks):
         for index, (route_section, item) in enumerate(zip(sections, route_data, strict=True)):
             if route_section is None:
                 self._check_raw_route(index, item, set(client_data))
-        routes = self._routes(sections, set(client_data))
+        users = set(proxy.users) if proxy is not None else set()
+        routes = self._routes(sections, set(client_data), users)
         self._check_client_certificates(sections, client_data)
         if proxy is not None:
             self._check_https_modes(sections, proxy)
@@ -179,6 +183,9 @@ class _Checker(ClientChecks, RouteChecks):
                 "must differ from proxy.listen; pick another port, e.g. 127.0.0.1:9901",
             )
         ca_files = self._interception_ca(section)
+        users = self._users(section)
+        access = self._access_policy(("proxy",), section.allow_from, section.allow_users, users)
+        destinations, destination_hosts = self._destinations(section.allow_destinations)
         return ProxySettings(
             listen=listen,
             admin_listen=admin,
@@ -202,7 +209,47 @@ class _Checker(ClientChecks, RouteChecks):
             connect_ports=frozenset(self._connect_ports(section.connect_ports)),
             tunnel_idle_timeout_s=section.tunnel_idle_timeout_s,
             tls_handshake_timeout_s=section.tls_handshake_timeout_s,
+            users=users,
+            access=access,
+            allow_destinations=destinations,
+            allow_destination_hosts=destination_hosts,
         )
+
+    def _users(self, section: ProxySection) -> dict[str, Secret]:
+        users: dict[str, Secret] = {}
+        for name, value in section.users.items():
+            path: Path = ("proxy", "users", name)
+            if not name or ":" in name:
+                self.problem(path, "a user name must be non-empty and have no ':'", key=True)
+                continue
+            if isinstance(value, str):
+                if not value:
+                    self.problem(path, "the password is empty; set it, e.g. from ${ENV}")
+                    continue
+                users[name] = Secret(value)
+                continue
+            secret = self._read_secret_file((*path, "password_file"), value.password_file)
+            if secret is not None:
+                users[name] = secret
+        return users
+
+    def _destinations(self, values: list[str]) -> tuple[tuple[Network, ...], frozenset[str]]:
+        networks, hosts = [], set()
+        for i, value in enumerate(values):
+            try:
+                networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            except ValueError:
+                try:
+                    host, port = split_authority(value)
+                except AuthorityError as exc:
+                    self.problem(
+                        ("proxy", "allow_destinations", i), f"{exc}; write a CIDR or a host"
+                    )
+                    continue
+                if port is not None:
+                    self.problem(("proxy", "allow_destinations", i), "give a host or CIDR, no port")
+                hosts.add(host)
+        return tuple(networks), frozenset(hosts)
 
     def _interception_ca(self, section: ProxySection) -> tuple[str, str] | None:
         """Both CA files or neither; loadable, and the key not readable by others."""

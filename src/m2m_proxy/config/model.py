@@ -6,6 +6,7 @@ file that passed every check, so consumers may trust each field.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -80,6 +81,21 @@ class Origin:
         object.__setattr__(self, "base_url", f"{self.scheme}://{host}:{self.port}")
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Who may use a route. None for a part means "anyone" / "no login"."""
+
+    allow_from: tuple[Network, ...] | None = None
+    allow_users: frozenset[str] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.allow_from is None and self.allow_users is None
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     listen: Address
@@ -104,6 +120,11 @@ class ProxySettings:
     connect_ports: frozenset[int] = frozenset({443})
     tunnel_idle_timeout_s: float = 300.0
     tls_handshake_timeout_s: float = 10.0
+    users: Mapping[str, Secret] = field(default_factory=dict)
+    access: AccessPolicy = AccessPolicy()
+    """The default for routes (and for unmatched passthrough)."""
+    allow_destinations: tuple[Network, ...] = ()
+    allow_destination_hosts: frozenset[str] = frozenset()
 
     @property
     def intercepts(self) -> bool:
@@ -213,6 +234,8 @@ class RouteConfig:
     """Present the client's TLS certificate upstream (certificate-bound tokens, RFC 8705 §3)."""
     https: HttpsMode = HttpsMode.INTERCEPT
     """What CONNECT to this host gets (intercept needs the proxy's interception CA)."""
+    access: AccessPolicy | None = None
+    """None: the proxy's default (``proxy.allow_from`` / ``allow_users``)."""
 
     @property
     def is_wildcard(self) -> bool:
@@ -225,3 +248,24 @@ class Config:
     proxy: ProxySettings
     clients: Mapping[str, ClientConfig]
     routes: tuple[RouteConfig, ...]
+
+    @property
+    def open_listener(self) -> str | None:
+        """Why the proxy listener is open to other machines with no access control,
+        or None. ``check`` warns about it; ``run`` refuses it without an opt-in."""
+        host = self.proxy.listen.host
+        if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
+            return None
+        every_route_guarded = all(
+            route.access is not None and not route.access.is_open for route in self.routes
+        )
+        if not self.proxy.access.is_open or (
+            every_route_guarded and self.proxy.unmatched is Unmatched.DENY
+        ):
+            return None
+        return (
+            f"proxy.listen binds {self.proxy.listen}, reachable from other machines, and "
+            "nothing limits who may spend the credentials; set proxy.allow_from (or "
+            "allow_users), or start with --allow-open-listener if a firewall or network "
+            "policy does it"
+        )

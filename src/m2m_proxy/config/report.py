@@ -7,6 +7,11 @@ in common.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+from collections.abc import Collection
+
+from m2m_proxy.config.model import AccessPolicy, Network
 from m2m_proxy.config.source import Path, Problem, SourceDocument, format_path
 from m2m_proxy.tls import TlsMaterialError, client_context
 
@@ -60,3 +65,36 @@ class Reporter:
             self.problem(path, str(exc))
             return None
         return file
+
+    def _networks(self, path: Path, values: list[str]) -> tuple[Network, ...]:
+        networks = []
+        for i, value in enumerate(values):
+            try:
+                networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            except ValueError:
+                self.problem(
+                    (*path, i),
+                    f"'{value}' is not an address or CIDR; write e.g. 10.0.0.0/8 or 192.0.2.7",
+                )
+        return tuple(networks)
+
+    def _access_policy(
+        self,
+        base: Path,
+        allow_from: list[str] | None,
+        allow_users: list[str] | None,
+        users: Collection[str],
+    ) -> AccessPolicy:
+        """The ``allow_from`` / ``allow_users`` pair of a route or of ``proxy``."""
+        networks = None
+        if allow_from is not None:
+            networks = self._networks((*base, "allow_from"), allow_from)
+        names = None
+        if allow_users is not None:
+            for i, name in enumerate(allow_users):
+                if name not in users:
+                    guess = difflib.get_close_matches(name, sorted(users), n=1)
+                    hint = f"did you mean '{guess[0]}'?" if guess else "define it under proxy.users"
+                    self.problem((*base, "allow_users", i), f"unknown user '{name}'; {hint}")
+            names = frozenset(allow_users)
+        return AccessPolicy(networks, names)

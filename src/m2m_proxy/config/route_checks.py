@@ -40,7 +40,7 @@ class RouteChecks(Reporter):
             self._host_pattern((*base, "host"), item["host"])
 
     def _routes(
-        self, sections: list[RouteSection | None], clients: set[str]
+        self, sections: list[RouteSection | None], clients: set[str], users: set[str]
     ) -> tuple[RouteConfig, ...]:
         routes: list[RouteConfig] = []
         seen: dict[tuple[str, int | None, str], int] = {}
@@ -48,7 +48,7 @@ class RouteChecks(Reporter):
         for index, section in enumerate(sections):
             if section is None:
                 continue
-            route = self._route(("routes", index), section, clients)
+            route = self._route(("routes", index), section, clients, users)
             if route is None:
                 continue
             key = (route.host, route.port, route.path_prefix)
@@ -71,7 +71,9 @@ class RouteChecks(Reporter):
             routes.append(route)
         return tuple(routes)
 
-    def _route(self, base: Path, section: RouteSection, clients: set[str]) -> RouteConfig | None:
+    def _route(
+        self, base: Path, section: RouteSection, clients: set[str], users: set[str]
+    ) -> RouteConfig | None:
         pattern = self._host_pattern((*base, "host"), section.host)
         prefix = self._path_prefix((*base, "path_prefix"), section.path_prefix)
         upstream = self._upstream((*base, "upstream"), section.upstream)
@@ -80,6 +82,9 @@ class RouteChecks(Reporter):
         scope = self._scope((*base, "scope"), section.scope)
         params = self._token_params((*base, "token_params"), section.token_params)
         ca_file = self._ca_file((*base, "ca_file"), section.ca_file)
+        access = None
+        if section.allow_from is not None or section.allow_users is not None:
+            access = self._access_policy(base, section.allow_from, section.allow_users, users)
         if section.ca_file is not None and ca_file is None:
             return None
         if pattern is None or prefix is None or section.client not in clients:
@@ -103,6 +108,7 @@ class RouteChecks(Reporter):
             ca_file=ca_file,
             client_certificate=section.client_certificate,
             https=HttpsMode(section.https or "intercept"),
+            access=access,
         )
 
     def _host_pattern(self, path: Path, text: str) -> tuple[str, int | None] | None:

@@ -16,6 +16,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class UserSection(_Section):
+    password_file: str = Field(description="A file holding the user's password.")
+
+
 class ProxySection(_Section):
     listen: str | int = Field("127.0.0.1:8080", description="Proxy listener, host:port.")
     admin_listen: str | int = Field(
@@ -84,6 +88,26 @@ class ProxySection(_Section):
     )
     tls_handshake_timeout_s: float = Field(
         10.0, gt=0, description="Longest TLS handshake with a client inside CONNECT."
+    )
+    users: dict[str, str | UserSection] = Field(
+        default_factory=dict,
+        description="Proxy users: name → password (a ${ENV} reference) or "
+        "{password_file: PATH}; clients log in with Proxy-Authorization: Basic.",
+    )
+    allow_from: list[str] | None = Field(
+        None,
+        description="Source addresses (CIDRs) that may use the proxy; a route's own "
+        "allow_from replaces it. Unset: any address that reaches the listener.",
+    )
+    allow_users: list[str] | None = Field(
+        None,
+        description="Users (from proxy.users) that may use the proxy; a route's own "
+        "allow_users replaces it. Unset: no login needed.",
+    )
+    allow_destinations: list[str] = Field(
+        default_factory=list,
+        description="Private, loopback or link-local destinations (CIDRs or exact host "
+        "names) that passthrough requests and tunnels may reach; routes need none.",
     )
     credential_files_check_s: float = Field(
         10.0,
@@ -169,6 +193,12 @@ class RouteSection(_Section):
         None,
         description="PEM CA bundle trusted for this route's https upstream, in addition "
         "to the system store.",
+    )
+    allow_from: list[str] | None = Field(
+        None, description="Source CIDRs that may use this route (replaces proxy.allow_from)."
+    )
+    allow_users: list[str] | None = Field(
+        None, description="Users that may use this route (replaces proxy.allow_users)."
     )
     https: Literal["intercept", "tunnel"] | None = Field(
         None,

@@ -1,0 +1,1 @@
+"""Hostile tests: smuggling, header and target confusion, fuzzing, property-based checks."""
