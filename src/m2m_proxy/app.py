@@ -250,8 +250,13 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         handler,
         proxy_name=settings.name,
         log=rt.logs.events,
+        header_timeout_s=settings.header_timeout_s,
         access_log=None,
         handler_cancellation=True,
+        max_line_size=settings.max_uri_bytes,
+        max_field_size=settings.max_header_bytes,
+        max_headers=settings.max_header_count,
+        keepalive_timeout=settings.client_idle_timeout_s,
     )
     leaves = None
     if settings.ca_cert_file is not None and settings.ca_key_file is not None:
@@ -277,6 +282,8 @@ async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
         broker=broker,
         transparent=settings.transparent,
         log=rt.logs.events,
+        first_bytes_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
     )
     try:
         await site.start()

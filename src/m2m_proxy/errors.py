@@ -9,6 +9,7 @@ The hierarchy is deliberately shallow::
     ├── DestinationDeniedError        403   destination_denied
     ├── ProxyAuthRequiredError        407   proxy_auth_required
     ├── MethodNotAllowedError         405   method_not_allowed
+    ├── PayloadTooLargeError          413   payload_too_large
     ├── MisdirectedRequestError       421   misdirected_request
     ├── LoopDetectedError             508   loop_detected
     ├── NotSupportedError             501   not_supported
@@ -108,6 +109,13 @@ class MethodNotAllowedError(ProxyError):
     code = "method_not_allowed"
     proxy_status = "http_request_denied"
     title = "The method is not allowed through this route"
+
+
+class PayloadTooLargeError(ProxyError):
+    status = 413
+    code = "payload_too_large"
+    proxy_status = "http_request_error"
+    title = "The request body is larger than this route allows"
 
 
 class LoopDetectedError(ProxyError):

@@ -20,6 +20,7 @@ from yarl import URL
 from m2m_proxy.egress import DestinationBlockedError
 from m2m_proxy.errors import (
     DestinationDeniedError,
+    PayloadTooLargeError,
     ProxyError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
@@ -66,16 +67,21 @@ class Body:
         return self.stream is None
 
     @classmethod
-    async def read(cls, request: web.BaseRequest, limit: int) -> Body:
+    async def read(cls, request: web.BaseRequest, limit: int, max_bytes: int | None = None) -> Body:
         """Buffer bodies up to ``limit`` bytes; stream larger or unknown-length ones.
 
         A chunked body is buffered while it stays under the limit; past it, what was
         read is sent first and the rest streams, so nothing the client sent is lost.
+        A body over ``max_bytes`` raises PayloadTooLargeError: at once when its
+        Content-Length says so (nothing is read, no 100 Continue is sent), else as
+        soon as that many bytes went by.
         """
         if not request.body_exists:
             return NO_BODY
         length = request.content_length
         content = request.content
+        if length is not None and max_bytes is not None and length > max_bytes:
+            raise PayloadTooLargeError(_too_large(max_bytes))
         if length is not None and length > limit:
             return cls(None, content, length)
         head: list[bytes] = []
@@ -87,7 +93,9 @@ class Body:
                 return cls(data, None, len(data))
             head.append(chunk)
             size += len(chunk)
-        return cls(None, _chain(head, content), None)
+            if max_bytes is not None and size > max_bytes:
+                raise PayloadTooLargeError(_too_large(max_bytes))
+        return cls(None, _chain(head, content, size, max_bytes), None)
 
     def payload(self) -> bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None:
         return self.data if self.stream is None else self.stream
@@ -97,11 +105,20 @@ NO_BODY = Body(None, None, None)
 """The body of every request without one (shared: a Body is never mutated)."""
 
 
-async def _chain(head: list[bytes], rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _chain(
+    head: list[bytes], rest: aiohttp.StreamReader, size: int, max_bytes: int | None
+) -> AsyncIterator[bytes]:
     for chunk in head:
         yield chunk
     async for chunk in rest.iter_any():
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise PayloadTooLargeError(_too_large(max_bytes))
         yield chunk
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"the request body is over {max_bytes} bytes (max_body_bytes)"
 
 
 class Forwarder:

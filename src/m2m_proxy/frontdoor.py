@@ -14,9 +14,11 @@ client only learns the status and a fixed reason, and the log only the fact.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from m2m_proxy.errors import BadRequestError, ProxyError, render_problem
 from m2m_proxy.logs import Logger
@@ -40,7 +42,7 @@ class _ParseErrorProblem(ProxyError):
     title = BadRequestError.title
 
 
-class _ProblemRequestHandler(web.RequestHandler):
+class ProblemRequestHandler(web.RequestHandler):
     """RequestHandler whose error responses are problem+json with no echo."""
 
     def __init__(
@@ -50,6 +52,7 @@ class _ProblemRequestHandler(web.RequestHandler):
         proxy_name: str,
         log: Logger,
         tunnel: TunnelOrigin | None = None,
+        header_timeout_s: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(manager, **kwargs)
@@ -57,6 +60,44 @@ class _ProblemRequestHandler(web.RequestHandler):
         self._log = log
         self.tunnel = tunnel
         """Set for a connection decrypted inside an intercepted tunnel."""
+        self._header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._awaiting_headers = True
+
+    def data_received(self, data: bytes) -> None:
+        """The first bytes of a request start its header clock (slowloris guard)."""
+        if self._awaiting_headers and self._header_timer is None and self._header_timeout_s:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self._header_timeout_s, self._headers_too_slow
+            )
+        super().data_received(data)
+
+    def headers_received(self) -> None:
+        """Called by the request handler: the request's head is complete."""
+        self._awaiting_headers = False
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def request_done(self) -> None:
+        """Called by the request handler: the next bytes start a new request."""
+        self._awaiting_headers = True
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        self._log.info("request_rejected", status=408, reason="header_timeout")
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            )
+            transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -75,6 +116,7 @@ class _ProblemRequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("the response had started; the connection is dropped")
+        status = parse_error_status(exc, status)
         self._log.info(
             "request_rejected",
             status=status,
@@ -91,26 +133,56 @@ class _ProblemRequestHandler(web.RequestHandler):
         return response
 
 
-class FrontDoor(web.Server):
-    """``web.Server`` building :class:`_ProblemRequestHandler` per connection."""
+_REQUEST_LINE = re.compile(r"[A-Za-z]+ \S|/|https?://")
 
-    def __init__(self, handler: Any, *, proxy_name: str, log: Logger, **kwargs: Any) -> None:
+
+def parse_error_status(exc: BaseException | None, status: int) -> int:
+    """The precise status for a parser error: 414 for an over-long request line, 431 for
+    an over-long header or too many headers (aiohttp says 400 for all of them)."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        text = bytes(line).decode("latin-1") if isinstance(line, bytes | bytearray) else str(line)
+        return 414 if _REQUEST_LINE.match(text) else 431
+    if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+        return 431
+    return status
+
+
+class FrontDoor(web.Server):
+    """``web.Server`` building :class:`ProblemRequestHandler` per connection."""
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        proxy_name: str,
+        log: Logger,
+        header_timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._proxy_name = proxy_name
         self._log = log
+        self._header_timeout_s = header_timeout_s
 
     def __call__(self) -> web.RequestHandler:
-        return _ProblemRequestHandler(
-            self, proxy_name=self._proxy_name, log=self._log, loop=self._loop, **self._kwargs
+        return ProblemRequestHandler(
+            self,
+            proxy_name=self._proxy_name,
+            log=self._log,
+            header_timeout_s=self._header_timeout_s,
+            loop=self._loop,
+            **self._kwargs,
         )
 
     def tunnel_protocol(self, tunnel: TunnelOrigin) -> web.RequestHandler:
         """The HTTP protocol for the decrypted side of an intercepted tunnel."""
-        return _ProblemRequestHandler(
+        return ProblemRequestHandler(
             self,
             proxy_name=self._proxy_name,
             log=self._log,
             tunnel=tunnel,
+            header_timeout_s=self._header_timeout_s,
             loop=self._loop,
             **self._kwargs,
         )

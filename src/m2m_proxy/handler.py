@@ -28,6 +28,7 @@ from m2m_proxy.errors import (
     render_problem,
 )
 from m2m_proxy.forward import NO_BODY, Body, Exchange, Forwarder
+from m2m_proxy.frontdoor import ProblemRequestHandler
 from m2m_proxy.headers import received_by
 from m2m_proxy.logs import AccessLog
 from m2m_proxy.metrics import Metrics
@@ -73,6 +74,16 @@ class ProxyHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(started=self._clock())
+        protocol = request.protocol
+        if isinstance(protocol, ProblemRequestHandler):
+            protocol.headers_received()
+        try:
+            return await self._handle(request, exchange)
+        finally:
+            if isinstance(protocol, ProblemRequestHandler):
+                protocol.request_done()
+
+    async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         try:
             if request.method == "CONNECT":
                 raise NotSupportedError(
@@ -96,7 +107,13 @@ class ProxyHandler:
             self._guard(request, target, route, tunnel)
             url, host = self._upstream_of(target, route)
             body = (
-                await Body.read(request, self._settings.replay_body_limit_bytes)
+                await Body.read(
+                    request,
+                    self._settings.replay_body_limit_bytes,
+                    route.max_body_bytes
+                    if route is not None and route.max_body_bytes is not None
+                    else self._settings.max_body_bytes,
+                )
                 if request.body_exists
                 else NO_BODY
             )

@@ -34,7 +34,8 @@ _CONNECT = b"CONNECT "
 _PARTIAL_RETRY_S = 0.005
 """A peek that cannot decide yet leaves the bytes unread, so the socket stays readable:
 wait this long before peeking again instead of spinning."""
-FIRST_BYTES_TIMEOUT_S = 30.0
+FIRST_BYTES_TIMEOUT_S = 10.0
+"""Default time a new connection has to say what it is (``proxy.header_timeout_s``)."""
 
 
 class ProxySite(web.BaseSite):
@@ -46,7 +47,9 @@ class ProxySite(web.BaseSite):
         "_broker",
         "_classifying",
         "_connections",
+        "_first_bytes_timeout_s",
         "_log",
+        "_max_connections",
         "_peek_bytes",
         "_sock",
         "_transparent",
@@ -61,6 +64,8 @@ class ProxySite(web.BaseSite):
         transparent: bool,
         log: Logger,
         backlog: int = 1024,
+        first_bytes_timeout_s: float = FIRST_BYTES_TIMEOUT_S,
+        max_connections: int = 10000,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._address = address
@@ -72,6 +77,8 @@ class ProxySite(web.BaseSite):
         self._connections = TaskSet()
         self._classifying: set[asyncio.Task[None]] = set()
         self._peek_bytes = MAX_RECORD_BYTES if transparent else len(_CONNECT)
+        self._first_bytes_timeout_s = first_bytes_timeout_s
+        self._max_connections = max_connections
 
     @property
     def name(self) -> str:
@@ -124,7 +131,17 @@ class ProxySite(web.BaseSite):
                     continue
                 raise
             sock.setblocking(False)
+            if self._open_connections() >= self._max_connections:
+                sock.close()  # over the limit: refuse at once rather than queue work
+                self._log.warning("connection_refused", reason="max_connections")
+                continue
             self._connections.start(self._dispatch(sock), name="proxy-connection")
+
+    def _open_connections(self) -> int:
+        """Connections aiohttp serves plus those being classified or tunnelled."""
+        server = self._runner.server
+        served = len(server.connections) if isinstance(server, web.Server) else 0
+        return served + len(self._connections) - 1  # minus the accept loop itself
 
     async def _dispatch(self, sock: socket.socket) -> None:
         """Hand ``sock`` to its owner; close it if none takes it."""
@@ -134,7 +151,7 @@ class ProxySite(web.BaseSite):
             if task is not None:
                 self._classifying.add(task)
             try:
-                async with asyncio.timeout(FIRST_BYTES_TIMEOUT_S):
+                async with asyncio.timeout(self._first_bytes_timeout_s):
                     head = await self._classify(loop, sock)
             finally:
                 if task is not None:

@@ -120,6 +120,13 @@ class ProxySettings:
     connect_ports: frozenset[int] = frozenset({443})
     tunnel_idle_timeout_s: float = 300.0
     tls_handshake_timeout_s: float = 10.0
+    max_connections: int = 10000
+    header_timeout_s: float = 10.0
+    client_idle_timeout_s: float = 60.0
+    max_uri_bytes: int = 8190
+    max_header_bytes: int = 8190
+    max_header_count: int = 100
+    max_body_bytes: int | None = 104_857_600
     users: Mapping[str, Secret] = field(default_factory=dict)
     access: AccessPolicy = AccessPolicy()
     """The default for routes (and for unmatched passthrough)."""
@@ -236,6 +243,8 @@ class RouteConfig:
     """What CONNECT to this host gets (intercept needs the proxy's interception CA)."""
     access: AccessPolicy | None = None
     """None: the proxy's default (``proxy.allow_from`` / ``allow_users``)."""
+    max_body_bytes: int | None = None
+    """None: the proxy's ``max_body_bytes``."""
 
     @property
     def is_wildcard(self) -> bool:

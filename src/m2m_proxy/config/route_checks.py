@@ -109,6 +109,7 @@ class RouteChecks(Reporter):
             client_certificate=section.client_certificate,
             https=HttpsMode(section.https or "intercept"),
             access=access,
+            max_body_bytes=section.max_body_bytes,
         )
 
     def _host_pattern(self, path: Path, text: str) -> tuple[str, int | None] | None:

@@ -89,6 +89,24 @@ class ProxySection(_Section):
     tls_handshake_timeout_s: float = Field(
         10.0, gt=0, description="Longest TLS handshake with a client inside CONNECT."
     )
+    max_connections: int = Field(
+        10000, ge=1, description="Client connections open at once; more are closed at accept."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="From a request's first byte to its last header (slowloris)."
+    )
+    client_idle_timeout_s: float = Field(
+        60.0, gt=0, description="A keep-alive client connection idle this long is closed."
+    )
+    max_uri_bytes: int = Field(8190, ge=256, description="Longest request line (else 414).")
+    max_header_bytes: int = Field(8190, ge=256, description="Longest header line (else 431).")
+    max_header_count: int = Field(100, ge=8, description="Most header lines (else 431).")
+    max_body_bytes: int | None = Field(
+        104_857_600,
+        ge=0,
+        description="Largest request body (else 413); a route's max_body_bytes replaces it; "
+        "null: no limit.",
+    )
     users: dict[str, str | UserSection] = Field(
         default_factory=dict,
         description="Proxy users: name → password (a ${ENV} reference) or "
@@ -196,6 +214,9 @@ class RouteSection(_Section):
     )
     allow_from: list[str] | None = Field(
         None, description="Source CIDRs that may use this route (replaces proxy.allow_from)."
+    )
+    max_body_bytes: int | None = Field(
+        None, ge=0, description="Largest request body for this route (replaces the proxy's)."
     )
     allow_users: list[str] | None = Field(
         None, description="Users that may use this route (replaces proxy.allow_users)."
