@@ -9,9 +9,15 @@ warms them up, then loads four targets with wrk, alternating A B C D for --reps 
   C  m2m-host     m2m-proxy, origin-form request routed by its Host header
   D  m2m-forward  m2m-proxy, absolute-form request as HTTP_PROXY clients send it
 
-Prints a table and the ratios, writes bench/results/latest.json and, with --write-docs,
-the results section of docs/benchmarks.md. Every process it starts is stopped on exit,
-Ctrl-C, SIGTERM or error. --hold starts everything and waits, for profiling by hand.
+Then (unless --no-https) the HTTPS-interception comparison in the same rig: m2m-proxy
+against mitmproxy (installed on first use into bench/.venv-mitm), both intercepting CONNECT
+to a routed host and adding the token, upstream the demo API over TLS; requests/s inside
+keep-alive tunnels and new tunnels (handshakes)/s, by bench/tunnel_load.py (bench/https.py).
+
+Prints tables and ratios, writes bench/results/latest.json and bench/results/https.json
+and, with --write-docs, the results sections of docs/benchmarks.md. Every process it
+starts is stopped on exit, Ctrl-C, SIGTERM or error. --hold starts everything and waits,
+for profiling by hand.
 
 --instructions measures instead what the noise of a shared VM cannot move: the instructions
 each proxy process (B, C, D) executes per request, counted by valgrind's callgrind over a
@@ -20,12 +26,14 @@ bench/results/instructions.json and the callgrind dumps to bench/results/callgri
 
 Modules, one concept each: scenario (constants), rig (the processes), wrk and cpu (one load
 run and its CPU accounting), summary (tables, ratios, docs), throughput (the wrk mode),
+https, https_summary, mitm, mitm_addon, tunnel_load and tls_demo_api.mjs (the HTTPS part),
 instructions, hot_spots and callgrind_run (the --instructions mode), machine (facts for the
 reports), outcome (the report's common fields and the exit code). This file parses the
 command line and dispatches.
 
 Exit code: 0 measured cleanly (whatever the ratios); 1 could not run, or a non-2xx answer,
-a socket error, a rejection by the demo API or an unexpected token request; 130 interrupted.
+a socket error, a rejection by the demo API or an unexpected token request (in either
+part); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from dev_stack import DevStackError  # noqa: E402
 
 import instructions  # noqa: E402
 from callgrind_run import InstructionSettings, count_instructions  # noqa: E402
-from scenario import BenchError  # noqa: E402
+from scenario import MITMPROXY_VERSION, BenchError  # noqa: E402
 from throughput import Settings, bench, hold  # noqa: E402
 
 
@@ -119,7 +127,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --instructions: uncounted requests per target before and after "
         "instrumentation is switched on (300)",
     )
+    https = parser.add_argument_group("HTTPS interception vs mitmproxy (after the wrk part)")
+    https.add_argument(
+        "--https",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the HTTPS comparison (default: yes; --no-https skips it)",
+    )
+    https.add_argument(
+        "--https-only", action="store_true", help="only the HTTPS comparison, no wrk rounds"
+    )
+    https.add_argument("--https-duration", type=float, default=5.0, help="seconds per load run (5)")
+    https.add_argument(
+        "--https-connections",
+        type=int,
+        default=16,
+        help="concurrent clients, each with its own tunnel (16)",
+    )
+    https.add_argument(
+        "--https-warmup", type=float, default=2.0, help="seconds per proxy and measure (2)"
+    )
+    https.add_argument(
+        "--mitmproxy-version",
+        default=MITMPROXY_VERSION,
+        help=f"installed into bench/.venv-mitm ({MITMPROXY_VERSION}: the newest for Python 3.11)",
+    )
+    https.add_argument(
+        "--mitmproxy-python",
+        help="interpreter of mitmproxy's venv (default: --python; mitmproxy 11.1+ needs 3.12+)",
+    )
     args = parser.parse_args(argv)
+    if args.https_only:
+        args.https = True
     if args.reps is None:
         args.reps = 2 if args.instructions else 3
     if args.connections is None:
@@ -138,10 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_other_load=args.max_other_load,
         hold=args.hold,
         log_level=args.log_level,
+        https=args.https and not args.instructions,
+        https_only=args.https_only,
+        https_duration=args.https_duration,
+        https_connections=args.https_connections,
+        https_warmup=args.https_warmup,
+        mitmproxy_version=args.mitmproxy_version,
+        mitmproxy_python=args.mitmproxy_python,
     )
+    if args.https_duration <= 0 or args.https_connections < 1 or args.https_warmup < 0:
+        parser.error("need --https-duration > 0, --https-connections >= 1, --https-warmup >= 0")
     if args.instructions:
-        if args.hold or args.write_docs:
-            parser.error("--instructions does not combine with --hold or --write-docs")
+        if args.hold or args.write_docs or args.https_only:
+            parser.error(
+                "--instructions does not combine with --hold, --write-docs or --https-only"
+            )
         if args.requests < 1 or args.warmup_requests < 1:
             parser.error("need --requests >= 1 and --warmup-requests >= 1")
     inst = InstructionSettings(

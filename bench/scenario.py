@@ -22,6 +22,16 @@ FORWARD_URL = f"http://{API_HOST}{PATH}"  # the absolute-form target of D m2m-fo
 TOKEN_TTL_S = 3600
 READY_TIMEOUT_S = 30.0
 
+# The HTTPS-interception comparison (bench/https.py): clients CONNECT to TLS_HOST:443; each
+# proxy terminates TLS with a leaf from its own CA and sends the decrypted GET to the demo API
+# served over TLS (bench/tls_demo_api.mjs), which is the route's `upstream:`.
+TLS_HOST = "api-tls.demo.local"
+TLS_AUTHORITY = f"{TLS_HOST}:443"
+# mitmproxy 11.1+ requires Python >= 3.12; 11.0.2 is the newest release that runs on 3.11,
+# the project's Python. bench/.venv-mitm is its own venv (mitmproxy pins its dependencies).
+MITMPROXY_VERSION = "11.0.2"
+MITM_VENV = BENCH / ".venv-mitm"
+
 
 class BenchError(RuntimeError):
     """The benchmark could not run; the message says why."""

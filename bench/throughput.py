@@ -1,17 +1,24 @@
 """The wrk mode (``make bench``): warm-up, --reps rounds of A B C D with disturbed runs
-measured again, then the tables, bench/results/latest.json and optionally the docs; and
---hold, which starts the same rig and waits, for profiling by hand."""
+measured again, then the tables, bench/results/latest.json and optionally the docs; then,
+unless --no-https, the HTTPS-interception comparison with mitmproxy (bench/https.py) in the
+same rig; and --hold, which starts the same rig and waits, for profiling by hand."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
+from https import HttpsSettings, https_side, load_argv, measure_https
+from https_summary import finish_https
 from machine import machine_info
+from mitm import ensure_mitmproxy, mitmproxy_version
 from outcome import print_tally, report_head, tally_json, verdict, write_report
-from rig import Tally, rig
-from scenario import BENCH, PATH, ROOT
+from rig import Rig, Tally, rig
+from scenario import BENCH, MITMPROXY_VERSION, PATH, ROOT
 from summary import (
     DOCS,
     TARGET_RATIO,
@@ -43,54 +50,147 @@ class Settings:
     max_other_load: float = 0.25
     hold: bool = False
     log_level: str = "info"
+    https: bool = True  # the HTTPS-interception comparison with mitmproxy, after wrk's
+    https_only: bool = False  # skip the wrk part
+    https_duration: float = 5.0
+    https_connections: int = 16
+    https_warmup: float = 2.0
+    mitmproxy_version: str = MITMPROXY_VERSION
+    mitmproxy_python: str | None = None  # the interpreter of mitmproxy's venv (--python)
+
+    def https_settings(self) -> HttpsSettings:
+        return HttpsSettings(
+            duration=self.https_duration,
+            reps=self.reps,
+            connections=self.https_connections,
+            warmup=self.https_warmup,
+            python=self.python,
+            max_other_load=self.max_other_load,
+            retries=self.retries,
+        )
+
+    def mitmdump(self) -> Path | None:
+        """mitmdump, installed if needed; None without the HTTPS part."""
+        if not self.https:
+            return None
+        return ensure_mitmproxy(self.mitmproxy_python or self.python, self.mitmproxy_version)
 
 
 def hold(settings: Settings) -> int:
     """Start everything, print how to load and profile it, wait for Ctrl-C."""
     wrk = ensure_wrk()
+    mitmdump = settings.mitmdump()
     load = {"connections": settings.connections, "threads": settings.threads}
-    with rig(settings.python, log_level=settings.log_level) as r:
+    with rig(settings.python, log_level=settings.log_level, https=mitmdump is not None) as r:
         print(f"\nbench: ready. m2m-proxy pid {r.m2m.pid}, minimal proxy pid {r.minimal.pid}")
         print(f"  export T={r.token}")
         for target in r.targets:
             print(f"  {target.key} {target.name:<12} {wrk_command(wrk, target, **load)}")
         print(f"  profile: py-spy record -o profile.svg -d 10 -p {r.m2m.pid}  (during a wrk run)")
-        print("Ctrl-C stops everything.", flush=True)
-        while True:
-            time.sleep(0.5)
+        if mitmdump is None:
+            _wait_for_interrupt(r)
+        with https_side(r, mitmdump, settings.python) as side:
+            print(f"HTTPS (mitmproxy pid {side.mitm.pid}):")
+            for tunnel in side.targets:
+                for mode in ("keepalive", "handshake"):
+                    argv = load_argv(
+                        settings.python,
+                        tunnel,
+                        mode,
+                        connections=settings.https_connections,
+                        duration=10,
+                    )
+                    print(f"  {tunnel.name:<9} {mode:<9} {' '.join(argv)}")
+            _wait_for_interrupt(r, side.check_alive)
+    return 0
+
+
+def _wait_for_interrupt(r: Rig, check: Callable[[Rig], None] | None = None) -> NoReturn:
+    print("Ctrl-C stops everything.", flush=True)
+    while True:
+        time.sleep(0.5)
+        if check is None:
             r.check_alive()
+        else:
+            check(r)
 
 
 def bench(settings: Settings) -> int:
-    """Measure A B C D with wrk; the exit code of :func:`finish`."""
+    """Measure A B C D with wrk, then HTTPS interception against mitmproxy; 0 if both ran
+    cleanly (see :func:`finish` and :func:`finish_https`)."""
     wrk = ensure_wrk()
+    mitmdump = settings.mitmdump()
     machine = machine_info(settings.python, wrk)
-    with rig(settings.python, log_level=settings.log_level) as r:
-        load = {"connections": settings.connections, "threads": settings.threads}
-        if settings.warmup > 0:
-            print(f"bench: warming up each target for {settings.warmup:g} s ...", flush=True)
-            for target in r.targets:
-                run_wrk(wrk, target, duration=settings.warmup, **load)
-                r.check_alive()
-        summaries = {t.key: Summary(t) for t in r.targets}
-        retries_left = settings.retries  # for the whole run, so it ends in bounded time
-        for rnd in range(1, settings.reps + 1):
-            for target in r.targets:
-                attempt = 1
-                while True:
-                    result = measure(wrk, target, r.pids, duration=settings.duration, **load)
-                    r.check_alive()
-                    result.attempts = attempt
-                    line = run_line(f"round {rnd}/{settings.reps}", target, result)
-                    if result.disturbance <= settings.max_other_load or retries_left == 0:
-                        break
-                    print(f"{line}  (disturbed: measuring again)", flush=True)
-                    retries_left -= 1
-                    attempt += 1
-                print(line, flush=True)
-                summaries[target.key].runs.append(result)
+    summaries: dict[str, Summary] | None = None
+    with rig(settings.python, log_level=settings.log_level, https=mitmdump is not None) as r:
+        if not settings.https_only:
+            summaries = wrk_rounds(settings, wrk, r)
+        if mitmdump is not None:
+            started = time.monotonic()
+            with https_side(r, mitmdump, settings.python) as side:
+                https_summaries = measure_https(r, side, settings.https_settings())
+                upstream_stats = side.upstream_stats()
+            https_elapsed = time.monotonic() - started
         tally = r.tally()
-    return finish(settings, machine=machine, summaries=summaries, tally=tally)
+    if summaries is not None:
+        code = finish(settings, machine=machine, summaries=summaries, tally=tally)
+    else:
+        print()
+        print_tally(tally)
+        code = verdict(tally)
+    if mitmdump is not None:
+        https_code = finish_https(
+            settings.https_settings(),
+            machine=machine,
+            summaries=https_summaries,
+            upstream_stats=upstream_stats,
+            mitmproxy={
+                "version": mitmproxy_version(mitmdump),
+                "python": _python_version(settings.mitmproxy_python or settings.python),
+            },
+            elapsed_s=https_elapsed,
+            write_to_docs=settings.write_docs,
+        )
+        code = max(code, https_code)
+    return code
+
+
+def _python_version(python: str) -> str:
+    result = subprocess.run(
+        [python, "-c", "import platform; print('Python', platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() or "?"
+
+
+def wrk_rounds(settings: Settings, wrk: str, r: Rig) -> dict[str, Summary]:
+    """Warm-up, then --reps rounds of A B C D; per target its summary."""
+    load = {"connections": settings.connections, "threads": settings.threads}
+    if settings.warmup > 0:
+        print(f"bench: warming up each target for {settings.warmup:g} s ...", flush=True)
+        for target in r.targets:
+            run_wrk(wrk, target, duration=settings.warmup, **load)
+            r.check_alive()
+    summaries = {t.key: Summary(t) for t in r.targets}
+    retries_left = settings.retries  # for the whole run, so it ends in bounded time
+    for rnd in range(1, settings.reps + 1):
+        for target in r.targets:
+            attempt = 1
+            while True:
+                result = measure(wrk, target, r.pids, duration=settings.duration, **load)
+                r.check_alive()
+                result.attempts = attempt
+                line = run_line(f"round {rnd}/{settings.reps}", target, result)
+                if result.disturbance <= settings.max_other_load or retries_left == 0:
+                    break
+                print(f"{line}  (disturbed: measuring again)", flush=True)
+                retries_left -= 1
+                attempt += 1
+            print(line, flush=True)
+            summaries[target.key].runs.append(result)
+    return summaries
 
 
 def finish(
