@@ -102,6 +102,10 @@ def parse_connect_head(head: bytes) -> Target:
     line, _, _headers = text.partition("\r\n")
     if "\x00" in text or "\r" in line or "\n" in line:
         raise BadRequestError("the CONNECT request contains control characters")
+    if header_of(head, "Transfer-Encoding") is not None or (
+        header_of(head, "Content-Length") not in (None, "0")
+    ):
+        raise BadRequestError("a CONNECT request has no body; send the bytes through the tunnel")
     parts = line.split(" ")
     if len(parts) != 3 or parts[0] != "CONNECT" or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise BadRequestError("write the request line as CONNECT host:port HTTP/1.1")
@@ -345,6 +349,9 @@ async def _read_head(sock: socket.socket, timeout_s: float) -> bytes:
                 raise ConnectionResetError("the client closed before the CONNECT head ended")
             window = head[-3:] + peeked
             end = window.find(_HEAD_END)
+            cut = window if end < 0 else window[: end + 4]
+            if b"\n" in cut.replace(b"\r\n", b""):
+                raise BadRequestError("the CONNECT request has a bare LF; end lines with CRLF")
             take = len(peeked) if end < 0 else end + 4 - len(head[-3:])
             head += sock.recv(take)
             if end >= 0:

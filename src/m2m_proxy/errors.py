@@ -13,6 +13,8 @@ The hierarchy is deliberately shallow::
     ├── MisdirectedRequestError       421   misdirected_request
     ├── LoopDetectedError             508   loop_detected
     ├── NotSupportedError             501   not_supported
+    │   └── TransferCodingNotSupportedError 501 not_supported
+    ├── VersionNotSupportedError      505   version_not_supported
     ├── TokenError                          (the IdP side)
     │   ├── TokenUnavailableError     502   token_unavailable
     │   ├── TokenTimeoutError         504   token_timeout
@@ -139,6 +141,17 @@ class NotSupportedError(ProxyError):
     code = "not_supported"
     proxy_status = "http_request_error"
     title = "The proxy does not support this kind of request"
+
+
+class TransferCodingNotSupportedError(NotSupportedError):
+    """RFC 9112 §6.1: a transfer coding the proxy does not implement."""
+
+
+class VersionNotSupportedError(ProxyError):
+    status = 505
+    code = "version_not_supported"
+    proxy_status = "http_request_error"
+    title = "Only HTTP/1.0 and HTTP/1.1 are supported"
 
 
 class TokenError(ProxyError):

@@ -129,6 +129,7 @@ class ProblemRequestHandler(web.RequestHandler):
             error.proxy_status = "proxy_internal_error"
         _, headers, body = render_problem(error, self._proxy_name)
         response = web.Response(status=status, headers=headers, body=body)
+        response.headers["Server"] = self._proxy_name
         response.force_close()
         return response
 
@@ -160,6 +161,9 @@ class FrontDoor(web.Server):
         header_timeout_s: float | None = None,
         **kwargs: Any,
     ) -> None:
+        # Request bodies are relayed as sent: never decompressed (a gzip bomb would
+        # otherwise be inflated on the way, and the label would no longer match).
+        kwargs.setdefault("auto_decompress", False)
         super().__init__(handler, **kwargs)
         self._proxy_name = proxy_name
         self._log = log

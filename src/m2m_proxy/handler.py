@@ -12,7 +12,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
 from m2m_proxy.access import Access
@@ -20,11 +20,14 @@ from m2m_proxy.authority import effective_port
 from m2m_proxy.config import ProxySettings, RouteConfig, Unmatched
 from m2m_proxy.egress import EgressPolicy
 from m2m_proxy.errors import (
+    BadRequestError,
     LoopDetectedError,
     MethodNotAllowedError,
     NotSupportedError,
     ProxyError,
     RouteDeniedError,
+    TransferCodingNotSupportedError,
+    VersionNotSupportedError,
     render_problem,
 )
 from m2m_proxy.forward import NO_BODY, Body, Exchange, Forwarder
@@ -89,6 +92,12 @@ class ProxyHandler:
                 raise NotSupportedError(
                     "CONNECT must be the first request on a new connection to the proxy"
                 )
+            if request.version not in _VERSIONS:
+                if request.version < HttpVersion10:  # HTTP/0.9: no headers, no framing
+                    raise BadRequestError("HTTP/0.9 requests are not supported")
+                raise VersionNotSupportedError("only HTTP/1.0 and HTTP/1.1 are spoken here")
+            if "Transfer-Encoding" in request.headers:
+                _check_framing(request)
             tunnel: TunnelOrigin | None = getattr(request.protocol, "tunnel", None)
             if tunnel is None:
                 target = parse_target(request.raw_path, request.headers.get("Host"))
@@ -207,4 +216,30 @@ class ProxyHandler:
 
     def _problem(self, exc: ProxyError) -> web.Response:
         status, headers, body = render_problem(exc, self._settings.name)
-        return web.Response(status=status, headers=headers, body=body)
+        response = web.Response(status=status, headers=headers, body=body)
+        response.headers["Server"] = self._settings.name  # not aiohttp's version string
+        if isinstance(exc, BadRequestError):
+            response.force_close()  # the framing may be in doubt: never reuse
+        return response
+
+
+_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
+
+
+def _check_framing(request: web.BaseRequest) -> None:
+    """RFC 9112 §6: only ``chunked`` (last) is a transfer coding the proxy decodes;
+    with Content-Length too, or on HTTP/1.0, the framing is ambiguous: refuse."""
+    if "Content-Length" in request.headers:
+        raise BadRequestError("Transfer-Encoding and Content-Length together are refused")
+    if request.version == HttpVersion10:
+        raise BadRequestError("Transfer-Encoding is not allowed in HTTP/1.0")
+    codings = [
+        c.strip().lower()
+        for value in request.headers.getall("Transfer-Encoding")
+        for c in value.split(",")
+        if c.strip()  # empty list elements are allowed (RFC 9110 §5.6.1)
+    ]
+    if codings != ["chunked"]:
+        raise TransferCodingNotSupportedError(
+            "only Transfer-Encoding: chunked is supported; send the body unencoded"
+        )

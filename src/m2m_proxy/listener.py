@@ -34,6 +34,7 @@ _CONNECT = b"CONNECT "
 _PARTIAL_RETRY_S = 0.005
 """A peek that cannot decide yet leaves the bytes unread, so the socket stays readable:
 wait this long before peeking again instead of spinning."""
+_PARTIAL_RETRY_MAX_S = 0.25
 FIRST_BYTES_TIMEOUT_S = 10.0
 """Default time a new connection has to say what it is (``proxy.header_timeout_s``)."""
 
@@ -176,6 +177,7 @@ class ProxySite(web.BaseSite):
     async def _classify(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes | None:
         """The first bytes, enough to decide (a whole ClientHello record in transparent
         mode); None when the client closed without sending anything."""
+        pause = _PARTIAL_RETRY_S
         while True:
             await readable(loop, sock)
             try:
@@ -185,11 +187,13 @@ class ProxySite(web.BaseSite):
             if not head:
                 return None
             if _CONNECT.startswith(head[: len(_CONNECT)]) and len(head) < len(_CONNECT):
-                await asyncio.sleep(_PARTIAL_RETRY_S)  # "CONN..." so far
+                await asyncio.sleep(pause)  # "CONN..." so far: back off, never spin
+                pause = min(pause * 2, _PARTIAL_RETRY_MAX_S)
                 continue
             if self._transparent and looks_like_tls(head):
                 needed = record_length(head)
                 if needed is None or len(head) < min(needed, MAX_RECORD_BYTES):
-                    await asyncio.sleep(_PARTIAL_RETRY_S)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _PARTIAL_RETRY_MAX_S)
                     continue
             return head

@@ -39,8 +39,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        """One line, always: line breaks in a path or message are shown escaped."""
         where = f"{self.file}:{self.mark.line}:{self.mark.column}" if self.mark else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 @dataclass(slots=True)
@@ -79,6 +81,14 @@ def parse_yaml(text: str, file: str, environ: Mapping[str, str]) -> SourceDocume
     doc = SourceDocument(data=None)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.reader.ReaderError, RecursionError) as exc:
+        reason = (
+            "it nests too deeply"
+            if isinstance(exc, RecursionError)
+            else "it contains a control character"
+        )
+        doc.problems.append(Problem(file, None, "", f"invalid YAML: {reason}; fix the file"))
+        return doc
     except yaml.MarkedYAMLError as exc:
         mark = _mark(exc.problem_mark) if exc.problem_mark else None
         hint = "fix the syntax at this spot"
@@ -93,12 +103,34 @@ def parse_yaml(text: str, file: str, environ: Mapping[str, str]) -> SourceDocume
         doc.data = {}
         return doc
     converter = _Converter(file, environ, doc)
-    doc.data = converter.convert(node, ())
+    try:
+        doc.data = converter.convert(node, ())
+    except (_TooLargeError, RecursionError):
+        doc.data = None
+        doc.problems.append(
+            Problem(
+                file,
+                None,
+                "",
+                f"the file expands to more than {MAX_NODES} values or {MAX_DEPTH} levels "
+                "(recursive or nested aliases?); write it out plainly",
+            )
+        )
     return doc
 
 
 def _mark(m: yaml.Mark) -> Mark:
     return Mark(m.line + 1, m.column + 1)
+
+
+MAX_NODES = 100_000
+"""Values in a routes file after aliases are expanded: far above any real file, far
+below what an alias bomb expands to."""
+MAX_DEPTH = 64
+
+
+class _TooLargeError(Exception):
+    pass
 
 
 class _Converter:
@@ -107,8 +139,12 @@ class _Converter:
         self._environ = environ
         self._doc = doc
         self._constructor = yaml.constructor.SafeConstructor()
+        self._nodes = 0
 
     def convert(self, node: yaml.Node, path: Path) -> Any:
+        self._nodes += 1
+        if self._nodes > MAX_NODES or len(path) > MAX_DEPTH:
+            raise _TooLargeError
         self._doc.value_marks[path] = _mark(node.start_mark)
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
