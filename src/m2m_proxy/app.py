@@ -1,7 +1,7 @@
 """The composition root: the only module that builds objects and owns lifetimes.
 
 ``ProxyApp`` is an aiohttp Application serving the admin endpoints; its
-``cleanup_ctx`` starts, in order, the upstream session, the IdP session and token
+``cleanup_ctx`` starts, in order, the upstream client, the IdP session and token
 cache, and the proxy listener, and stops them in reverse (only what started).
 """
 
@@ -42,6 +42,7 @@ from m2m_proxy.tokens.client import TokenClient
 from m2m_proxy.tokens.discovery import Discovery
 from m2m_proxy.tokens.material import ClientMaterial, MaterialChange
 from m2m_proxy.tokens.model import CredentialKey, Token, TokenGrant
+from m2m_proxy.upstream import SessionUpstream, Upstream, UpstreamPool
 
 LISTENING = "proxy_listener"
 
@@ -60,8 +61,7 @@ class Runtime:
     readiness: Readiness
     metrics: Metrics = field(default_factory=Metrics)
     gauges: Gauges = field(default_factory=Gauges)
-    upstream_session: aiohttp.ClientSession | None = None
-    guarded_session: aiohttp.ClientSession | None = None
+    upstream: Upstream | None = None
     egress: EgressPolicy | None = None
     tokens: TokenCache | None = None
     material: ClientMaterial | None = None
@@ -111,16 +111,25 @@ def _forwarding_session(
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """Two pools: routed upstreams (named by the config), and everything else, whose
-    resolver enforces the egress policy."""
+    """The upstream client. lean: one pool, whose guarded connections (to hosts no
+    route names) go only to addresses the egress policy allows. aiohttp: two
+    sessions, routed upstreams and everything else (its resolver enforces the policy)."""
     rt = app[RUNTIME]
     settings = rt.config.proxy
     rt.egress = EgressPolicy(settings)
-    rt.upstream_session = _forwarding_session(settings)
-    rt.guarded_session = _forwarding_session(settings, FilteringResolver(rt.egress))
+    if settings.upstream_client == "aiohttp":
+        rt.upstream = SessionUpstream(
+            _forwarding_session(settings),
+            _forwarding_session(settings, FilteringResolver(rt.egress)),
+        )
+    else:
+        rt.upstream = UpstreamPool(
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.idle_timeout_s,
+            egress=rt.egress,
+        )
     yield
-    await rt.upstream_session.close()
-    await rt.guarded_session.close()
+    await rt.upstream.close()
 
 
 async def _token_cache(app: web.Application) -> AsyncIterator[None]:
@@ -231,12 +240,10 @@ async def _token_cache(app: web.Application) -> AsyncIterator[None]:
 
 async def _proxy_listener(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
-    if rt.upstream_session is None or rt.tokens is None or rt.material is None or rt.egress is None:
-        raise RuntimeError("the proxy listener needs the session and token cache started first")
+    if rt.upstream is None or rt.tokens is None or rt.material is None or rt.egress is None:
+        raise RuntimeError("the proxy listener needs the upstream and token cache started first")
     settings = rt.config.proxy
-    forwarder = Forwarder(
-        rt.upstream_session, rt.tokens, via=settings.name, guarded_session=rt.guarded_session
-    )
+    forwarder = Forwarder(rt.upstream, rt.tokens, via=settings.name)
     routes = RouteTable(rt.config.routes)
     handler = ProxyHandler(
         routes,
@@ -432,6 +439,10 @@ class ProxyServer:
                 config=path,
                 problems=[str(problem) for problem in exc.problems],
             )
+            return False
+        except Exception as exc:  # a reload must never stop the proxy
+            rt.metrics.reload("failure")
+            self._log.error("config_reload_failed", config=path, problems=[type(exc).__name__])
             return False
         outcome = apply_config(rt, config)
         rt.metrics.reload("success")

@@ -1,35 +1,29 @@
 """Forwarder: one request upstream with a credential, the 401 replay, the streaming.
 
-The upstream side is one pooled keep-alive ``ClientSession`` built by app.py with
-no cookie jar, no decompression and no redirects, so bytes pass through unchanged.
-aiohttp client errors are translated here, once, most specific first.
+The upstream side is an :class:`~m2m_proxy.upstream.Upstream` built by app.py: the
+lean keep-alive pool (default) or aiohttp ClientSessions. Either sends the bytes
+unchanged (no cookies, no decompression, no redirects) and raises only the
+project's errors, so nothing here knows which one it talks to.
 """
 
 from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from m2m_proxy.egress import DestinationBlockedError
-from m2m_proxy.errors import (
-    DestinationDeniedError,
-    PayloadTooLargeError,
-    ProxyError,
-    UpstreamProtocolError,
-    UpstreamTimeoutError,
-    UpstreamTlsError,
-    UpstreamUnreachableError,
-)
+from m2m_proxy.errors import PayloadTooLargeError, UpstreamError
 from m2m_proxy.headers import downstream_response_headers, upstream_request_headers
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.model import CredentialKey, Token
+from m2m_proxy.upstream import Response, Upstream
 
 
 @dataclass(slots=True)
@@ -121,21 +115,27 @@ def _too_large(max_bytes: int) -> str:
     return f"the request body is over {max_bytes} bytes (max_body_bytes)"
 
 
+class _WholeBodyResponse(web.StreamResponse):
+    """For a body that has already arrived whole: the head waits for it, and both go
+    to the client in one write, as aiohttp's ``web.Response`` does. A plain
+    StreamResponse sends its head at once, one more send() per request; that is what
+    a body still on its way needs, so the client sees the head without waiting.
+    (aiohttp's class attribute; if it ever goes away, this is a StreamResponse.)"""
+
+    _send_headers_immediately = False
+
+
 class Forwarder:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        upstream: Upstream,
         tokens: TokenCache,
         *,
         via: str,
         clock: Callable[[], float] = time.perf_counter,
-        guarded_session: aiohttp.ClientSession | None = None,
     ) -> None:
-        """``guarded_session`` carries requests no route names (its resolver enforces
-        the egress policy); without it they use ``session``."""
         self._clock = clock
-        self._session = session
-        self._guarded = guarded_session if guarded_session is not None else session
+        self._upstream = upstream
         self._tokens = tokens
         self._via = via
         self._via_by_version = {
@@ -156,7 +156,8 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Send upstream (with a token when ``key`` is set), replay once on 401, stream back.
 
-        ``tls`` verifies an https upstream (None: the system store)."""
+        ``tls`` verifies an https upstream (None: the system store); ``guarded``
+        requests (no route names them) go only where the egress policy allows."""
         via = self._via_by_version.get(request.version)
         if via is None:
             via = f"{request.version.major}.{request.version.minor} {self._via}"
@@ -176,9 +177,8 @@ class Forwarder:
                     token = await self._tokens.obtain(key)
                     exchange.waited += self._clock() - waiting
         waiting = self._clock()
-        session = self._guarded if guarded else self._session
         resp = await self._send(
-            session, request, url=url, host=host, token=token, body=body, via=via, tls=tls
+            request, url=url, host=host, token=token, body=body, via=via, tls=tls, guarded=guarded
         )
         exchange.waited += self._clock() - waiting
         if resp.status == 401 and key is not None and token is not None:
@@ -188,7 +188,14 @@ class Forwarder:
                 waiting = self._clock()
                 token = await self._tokens.obtain(key)
                 resp = await self._send(
-                    session, request, url=url, host=host, token=token, body=body, via=via, tls=tls
+                    request,
+                    url=url,
+                    host=host,
+                    token=token,
+                    body=body,
+                    via=via,
+                    tls=tls,
+                    guarded=guarded,
                 )
                 exchange.waited += self._clock() - waiting
                 exchange.replayed = "still_401" if resp.status == 401 else "recovered"
@@ -197,9 +204,8 @@ class Forwarder:
         exchange.responded = self._clock()
         return await self._stream_back(request, resp, via, exchange)
 
-    async def _send(
+    def _send(
         self,
-        session: aiohttp.ClientSession,
         request: web.BaseRequest,
         *,
         url: URL,
@@ -208,48 +214,28 @@ class Forwarder:
         body: Body,
         via: str,
         tls: ssl.SSLContext | None,
-    ) -> aiohttp.ClientResponse:
+        guarded: bool,
+    ) -> Coroutine[Any, Any, Response]:
         headers: CIMultiDict[str] = upstream_request_headers(
             request.headers,
             host=host,
             authorization=token.authorization if token is not None else None,
             via=via,
         )
-        if body.length is not None:
-            headers["Content-Length"] = str(body.length)
-        try:
-            return await session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body.payload(),
-                allow_redirects=False,
-                chunked=None,
-                ssl=tls if tls is not None else True,
-            )
-        except ProxyError:
-            raise
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise UpstreamTlsError("the upstream's TLS certificate failed verification") from exc
-        except aiohttp.ClientSSLError as exc:
-            raise UpstreamTlsError("TLS with the upstream failed") from exc
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, DestinationBlockedError):
-                raise DestinationDeniedError(str(exc.os_error)) from None
-            raise UpstreamUnreachableError(
-                f"cannot connect to the upstream ({exc.strerror or 'connection failed'})"
-            ) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeoutError("the upstream did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamProtocolError(
-                f"the upstream closed or broke the exchange ({type(exc).__name__})"
-            ) from exc
+        return self._upstream.request(
+            request.method,
+            url,
+            headers,
+            body.payload(),
+            content_length=body.length,
+            ssl=tls,
+            guarded=guarded,
+        )
 
     async def _stream_back(
         self,
         request: web.BaseRequest,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         via: str,
         exchange: Exchange,
     ) -> web.StreamResponse:
@@ -259,23 +245,28 @@ class Forwarder:
         is aborted so the client sees a truncated body, never a complete-looking one.
         """
         try:
-            out = web.StreamResponse(
+            kind = _WholeBodyResponse if resp.received_all() else web.StreamResponse
+            out = kind(
                 status=resp.status,
                 reason=resp.reason,
                 headers=downstream_response_headers(resp.headers, via=via),
             )
             await out.prepare(request)
-            content = resp.content
             while True:
                 try:
-                    chunk = await content.readany()
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    exchange.error = f"upstream_truncated:{type(exc).__name__}"
+                    chunk = await resp.readany()
+                except UpstreamError as exc:
+                    # The aiohttp client's error keeps its name (ClientPayloadError, ...).
+                    cause = exc.__cause__ if exc.__cause__ is not None else exc
+                    exchange.error = f"upstream_truncated:{type(cause).__name__}"
                     if request.transport is not None:
                         request.transport.abort()
                     return out
                 if not chunk:
                     break
+                if resp.at_eof():  # the last bytes (often all): one write with the head
+                    await out.write_eof(chunk)
+                    return out
                 await out.write(chunk)
             await out.write_eof()
             return out

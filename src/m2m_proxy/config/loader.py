@@ -220,6 +220,7 @@ class _Checker(ClientChecks, RouteChecks):
             access=access,
             allow_destinations=destinations,
             allow_destination_hosts=destination_hosts,
+            upstream_client=section.upstream_client,
         )
 
     def _users(self, section: ProxySection) -> dict[str, Secret]:

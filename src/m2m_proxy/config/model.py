@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 from m2m_proxy.authority import effective_port
 
@@ -132,6 +133,8 @@ class ProxySettings:
     """The default for routes (and for unmatched passthrough)."""
     allow_destinations: tuple[Network, ...] = ()
     allow_destination_hosts: frozenset[str] = frozenset()
+    upstream_client: Literal["lean", "aiohttp"] = "lean"
+    """lean: m2m_proxy.upstream's pool; aiohttp: aiohttp ClientSessions."""
 
     @property
     def intercepts(self) -> bool:

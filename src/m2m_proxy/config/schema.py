@@ -37,6 +37,11 @@ class ProxySection(_Section):
     idle_timeout_s: float = Field(
         60.0, gt=0, description="Longest silence while reading from the upstream."
     )
+    upstream_client: Literal["lean", "aiohttp"] = Field(
+        "lean",
+        description="The HTTP/1.1 client for upstreams: lean (m2m-proxy's own keep-alive "
+        "pool on llhttp) or aiohttp (aiohttp's ClientSession).",
+    )
     replay_body_limit_bytes: int = Field(
         1_048_576,
         ge=0,
