@@ -101,31 +101,50 @@ def _claims(authorization: str) -> dict[str, Any]:
     return claims
 
 
+def _certificate_client(
+    endpoint: str, client_id: str, method: str, cert: CertFiles, ca_file: Path
+) -> str:
+    """A client authenticating with ``cert`` (``endpoint``: an issuer or token_url line)."""
+    return f"""
+clients:
+  cert:
+    {endpoint}
+    client_id: {client_id}
+    auth_method: {method}
+    client_cert_file: {cert.cert}
+    client_key_file: {cert.key}
+    ca_file: {ca_file}
+"""
+
+
+async def _who(stack: DevStack, clients: str, upstream: str) -> str:
+    """The client_id the demo API saw for a request through the proxy."""
+    routes = (
+        clients
+        + f"""
+routes:
+  - host: api.demo.local
+    client: cert
+    scope: read
+    resource: {RESOURCE}
+    upstream: {upstream}
+"""
+    )
+    stack.reset()
+    async with running_proxy(routes) as proxy, aiohttp.ClientSession() as client:
+        async with client.get("http://api.demo.local/who", proxy=proxy.url) as resp:
+            assert resp.status == 200, await resp.text()
+            return str((await resp.json())["client_id"])
+
+
 async def test_tls_client_auth_through_discovery_uses_the_mtls_alias(
     mtls_stack: DevStack, pki: Pki
 ) -> None:
     """The main token endpoint never asks for a certificate: a token proves the alias."""
-    routes = f"""
-clients:
-  mtls:
-    issuer: {mtls_stack.issuer}
-    client_id: svc-mtls
-    auth_method: tls_client_auth
-    client_cert_file: {pki.client.cert}
-    client_key_file: {pki.client.key}
-    ca_file: {pki.ca_file}
-routes:
-  - host: api.demo.local
-    client: mtls
-    scope: read
-    resource: {RESOURCE}
-    upstream: {mtls_stack.api_url}
-"""
-    mtls_stack.reset()
-    async with running_proxy(routes) as proxy, aiohttp.ClientSession() as client:
-        async with client.get("http://api.demo.local/who", proxy=proxy.url) as resp:
-            assert resp.status == 200, await resp.text()
-            assert (await resp.json())["client_id"] == "svc-mtls"
+    clients = _certificate_client(
+        f"issuer: {mtls_stack.issuer}", "svc-mtls", "tls_client_auth", pki.client, pki.ca_file
+    )
+    assert await _who(mtls_stack, clients, mtls_stack.api_url) == "svc-mtls"
     [record] = mtls_stack.token_requests()
     assert record["client_cert_subject"] is not None
     assert record["form"] == {
@@ -137,27 +156,14 @@ routes:
 
 
 async def test_self_signed_tls_client_auth_with_a_token_url(mtls_stack: DevStack, pki: Pki) -> None:
-    routes = f"""
-clients:
-  self:
-    token_url: {mtls_stack.mtls_token_url}
-    client_id: svc-self
-    auth_method: self_signed_tls_client_auth
-    client_cert_file: {pki.self_signed.cert}
-    client_key_file: {pki.self_signed.key}
-    ca_file: {pki.ca_file}
-routes:
-  - host: api.demo.local
-    client: self
-    scope: read
-    resource: {RESOURCE}
-    upstream: {mtls_stack.api_url}
-"""
-    mtls_stack.reset()
-    async with running_proxy(routes) as proxy, aiohttp.ClientSession() as client:
-        async with client.get("http://api.demo.local/who", proxy=proxy.url) as resp:
-            assert resp.status == 200, await resp.text()
-            assert (await resp.json())["client_id"] == "svc-self"
+    clients = _certificate_client(
+        f"token_url: {mtls_stack.mtls_token_url}",
+        "svc-self",
+        "self_signed_tls_client_auth",
+        pki.self_signed,
+        pki.ca_file,
+    )
+    assert await _who(mtls_stack, clients, mtls_stack.api_url) == "svc-self"
     [record] = mtls_stack.token_requests()
     assert record["client_cert_subject"] == "CN=svc-self"
 

@@ -89,25 +89,32 @@ async def test_metric_values_after_a_scripted_sequence(stack: DevStack) -> None:
     assert found[f"m2m_proxy_request_duration_seconds_count{{{route}}}"] == 5
 
 
-async def test_tokens_never_shows_the_token() -> None:
-    async def idp(_request: web.Request) -> web.Response:
-        return token_answer(SENTINEL_TOKEN)
+async def _sentinel_idp(_request: web.Request) -> web.Response:
+    return token_answer(SENTINEL_TOKEN)
 
-    async def api(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
 
-    async with fake_server(idp) as fake_idp, fake_server(api) as upstream:
-        routes = f"""
+async def _ok(_request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def _one_route(idp_url: str, upstream_url: str) -> str:
+    """One client at a fake IdP (sentinel secret) and one route to ``upstream_url``."""
+    return f"""
 clients:
   c:
-    token_url: {fake_idp.url}/token
+    token_url: {idp_url}/token
     client_id: x
     client_secret: ${{SENTINEL_SECRET}}
 routes:
   - host: api.example.test
     client: c
-    upstream: {upstream.url}
+    upstream: {upstream_url}
 """
+
+
+async def test_tokens_never_shows_the_token() -> None:
+    async with fake_server(_sentinel_idp) as fake_idp, fake_server(_ok) as upstream:
+        routes = _one_route(fake_idp.url, upstream.url)
         async with running_proxy(routes) as proxy, aiohttp.ClientSession() as client:
             assert await status_of(client, proxy.url, "http://api.example.test/") == 200
             for path in ("/tokens", "/metrics"):
@@ -192,24 +199,8 @@ async def test_a_cache_hit_never_awaits_the_token_cache() -> None:
     """The hot path: with a fresh token cached, a request must not reach the cache's
     awaiting path at all (obtain) — only its dict lookup."""
 
-    async def idp(_request: web.Request) -> web.Response:
-        return token_answer(SENTINEL_TOKEN)
-
-    async def api(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async with fake_server(idp) as fake_idp, fake_server(api) as upstream:
-        routes = f"""
-clients:
-  c:
-    token_url: {fake_idp.url}/token
-    client_id: x
-    client_secret: ${{SENTINEL_SECRET}}
-routes:
-  - host: api.example.test
-    client: c
-    upstream: {upstream.url}
-"""
+    async with fake_server(_sentinel_idp) as fake_idp, fake_server(_ok) as upstream:
+        routes = _one_route(fake_idp.url, upstream.url)
         async with running_proxy(routes) as proxy, aiohttp.ClientSession() as client:
             assert await status_of(client, proxy.url, "http://api.example.test/") == 200
             cache = proxy.server.runtime.tokens
