@@ -246,11 +246,10 @@ class Forwarder:
         """
         try:
             kind = _WholeBodyResponse if resp.received_all() else web.StreamResponse
-            out = kind(
-                status=resp.status,
-                reason=resp.reason,
-                headers=downstream_response_headers(resp.headers, via=via),
-            )
+            headers = downstream_response_headers(resp.headers, via=via)
+            if "Server" not in headers:  # else aiohttp would add its own, with versions
+                headers["Server"] = self._via
+            out = kind(status=resp.status, reason=resp.reason, headers=headers)
             await out.prepare(request)
             while True:
                 try:
