@@ -25,6 +25,8 @@ _DUMMY = b"\x00" * 32
 class Access:
     def __init__(self, default: AccessPolicy, users: Mapping[str, Secret]) -> None:
         self._default = default
+        self.open_by_default = default.is_open
+        """No proxy-wide rule: a route without its own needs no check at all."""
         self._passwords = {name: secret.value.encode() for name, secret in users.items()}
 
     def check(

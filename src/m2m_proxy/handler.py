@@ -78,15 +78,17 @@ class ProxyHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(started=self._clock())
         protocol = request.protocol
-        if isinstance(protocol, ProblemRequestHandler):
-            protocol.headers_received()
+        if not isinstance(protocol, ProblemRequestHandler):  # only in unit-level setups
+            return await self._handle(request, exchange, None)
+        protocol.headers_received()
         try:
-            return await self._handle(request, exchange)
+            return await self._handle(request, exchange, protocol.tunnel)
         finally:
-            if isinstance(protocol, ProblemRequestHandler):
-                protocol.request_done()
+            protocol.request_done()
 
-    async def _handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.BaseRequest, exchange: Exchange, tunnel: TunnelOrigin | None
+    ) -> web.StreamResponse:
         try:
             if request.method == "CONNECT":
                 raise NotSupportedError(
@@ -98,7 +100,6 @@ class ProxyHandler:
                 raise VersionNotSupportedError("only HTTP/1.0 and HTTP/1.1 are spoken here")
             if "Transfer-Encoding" in request.headers:
                 _check_framing(request)
-            tunnel: TunnelOrigin | None = getattr(request.protocol, "tunnel", None)
             if tunnel is None:
                 target = parse_target(request.raw_path, request.headers.get("Host"))
             else:
@@ -155,9 +156,8 @@ class ProxyHandler:
         tunnel: TunnelOrigin | None,
     ) -> None:
         """Before any body is read: access, loops, TRACE, the egress of passthrough."""
-        rule = route.access if route is not None and route.access is not None else None
-        default = self._settings.access
-        if rule is not None or default.allow_from is not None or default.allow_users is not None:
+        rule = route.access if route is not None else None
+        if rule is not None or not self._access.open_by_default:
             self._access.check(
                 rule,
                 request.remote,

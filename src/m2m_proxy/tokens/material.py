@@ -119,9 +119,7 @@ class ClientMaterial:
                 self._stamps[path] = stamp(path)
             fingerprint = self._fingerprint(updated)
             self._clients[name] = updated
-            self._contexts.pop(name, None)
-            for key in [k for k in self._upstream_contexts if k[0] == name]:
-                del self._upstream_contexts[key]
+            self._forget_contexts(name)
             if fingerprint != self._fingerprints[name]:
                 self._fingerprints[name] = fingerprint
                 change = MaterialChange(name, fingerprint)
@@ -140,9 +138,7 @@ class ClientMaterial:
         )
         self._clients = dict(clients)
         for name in changed:
-            self._contexts.pop(name, None)
-            for key in [k for k in self._upstream_contexts if k[0] == name]:
-                del self._upstream_contexts[key]
+            self._forget_contexts(name)
             self._problems.pop(name, None)
             self._fingerprints.pop(name, None)
             if name in clients:
@@ -153,6 +149,12 @@ class ClientMaterial:
             for path in client.files
         }
         return changed
+
+    def _forget_contexts(self, name: str) -> None:
+        """TLS contexts built from ``name``'s old material are rebuilt on next use."""
+        self._contexts.pop(name, None)
+        for key in [k for k in self._upstream_contexts if k[0] == name]:
+            del self._upstream_contexts[key]
 
     @property
     def has_files(self) -> bool:
