@@ -344,6 +344,7 @@ LIVE_SETTINGS = frozenset(
         "unmatched",
         "connect_ports",
         "replay_body_limit_bytes",
+        "body_timeout_s",
         "tunnel_idle_timeout_s",
         "tls_handshake_timeout_s",
     }

@@ -147,6 +147,15 @@ class TransferCodingNotSupportedError(NotSupportedError):
     """RFC 9112 §6.1: a transfer coding the proxy does not implement."""
 
 
+class BodyStalledError(ProxyError):
+    """The client stopped sending its request body (``proxy.body_timeout_s``)."""
+
+    status = 408
+    code = "body_timeout"
+    proxy_status = "http_request_error"
+    title = "The request body stopped arriving"
+
+
 class VersionNotSupportedError(ProxyError):
     status = 505
     code = "version_not_supported"

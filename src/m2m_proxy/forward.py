@@ -8,6 +8,7 @@ project's errors, so nothing here knows which one it talks to.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -19,7 +20,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from m2m_proxy.errors import PayloadTooLargeError, UpstreamError
+from m2m_proxy.errors import BodyStalledError, PayloadTooLargeError, UpstreamError
 from m2m_proxy.headers import downstream_response_headers, upstream_request_headers
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.model import CredentialKey, Token
@@ -61,14 +62,22 @@ class Body:
         return self.stream is None
 
     @classmethod
-    async def read(cls, request: web.BaseRequest, limit: int, max_bytes: int | None = None) -> Body:
+    async def read(
+        cls,
+        request: web.BaseRequest,
+        limit: int,
+        max_bytes: int | None = None,
+        stall_timeout_s: float | None = None,
+    ) -> Body:
         """Buffer bodies up to ``limit`` bytes; stream larger or unknown-length ones.
 
         A chunked body is buffered while it stays under the limit; past it, what was
         read is sent first and the rest streams, so nothing the client sent is lost.
         A body over ``max_bytes`` raises PayloadTooLargeError: at once when its
         Content-Length says so (nothing is read, no 100 Continue is sent), else as
-        soon as that many bytes went by.
+        soon as that many bytes went by. A client that sends nothing for
+        ``stall_timeout_s`` while its body is unfinished raises BodyStalledError
+        (408), whether the body is being buffered or streamed.
         """
         if not request.body_exists:
             return NO_BODY
@@ -77,11 +86,11 @@ class Body:
         if length is not None and max_bytes is not None and length > max_bytes:
             raise PayloadTooLargeError(_too_large(max_bytes))
         if length is not None and length > limit:
-            return cls(None, content, length)
+            return cls(None, _stream([], content, 0, max_bytes, stall_timeout_s), length)
         head: list[bytes] = []
         size = 0
         while size <= limit:
-            chunk = await content.readany()
+            chunk = await _next_chunk(content, stall_timeout_s)
             if not chunk:
                 data = b"".join(head)
                 return cls(data, None, len(data))
@@ -89,7 +98,7 @@ class Body:
             size += len(chunk)
             if max_bytes is not None and size > max_bytes:
                 raise PayloadTooLargeError(_too_large(max_bytes))
-        return cls(None, _chain(head, content, size, max_bytes), None)
+        return cls(None, _stream(head, content, size, max_bytes, stall_timeout_s), None)
 
     def payload(self) -> bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None:
         return self.data if self.stream is None else self.stream
@@ -99,12 +108,29 @@ NO_BODY = Body(None, None, None)
 """The body of every request without one (shared: a Body is never mutated)."""
 
 
-async def _chain(
-    head: list[bytes], rest: aiohttp.StreamReader, size: int, max_bytes: int | None
+async def _next_chunk(content: aiohttp.StreamReader, stall_timeout_s: float | None) -> bytes:
+    """The client's next body bytes (b"" at the end); BodyStalledError when none come
+    for ``stall_timeout_s``."""
+    try:
+        async with asyncio.timeout(stall_timeout_s):
+            return await content.readany()
+    except TimeoutError:
+        raise BodyStalledError(
+            f"no request body bytes arrived for {stall_timeout_s:g} s (body_timeout_s)"
+        ) from None
+
+
+async def _stream(
+    head: list[bytes],
+    rest: aiohttp.StreamReader,
+    size: int,
+    max_bytes: int | None,
+    stall_timeout_s: float | None,
 ) -> AsyncIterator[bytes]:
+    """``head``, then the rest of the client's body as it arrives, with its limits."""
     for chunk in head:
         yield chunk
-    async for chunk in rest.iter_any():
+    while chunk := await _next_chunk(rest, stall_timeout_s):
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:
             raise PayloadTooLargeError(_too_large(max_bytes))

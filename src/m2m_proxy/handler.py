@@ -12,7 +12,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from yarl import URL
 
 from m2m_proxy.access import Access
@@ -123,6 +123,7 @@ class ProxyHandler:
                     route.max_body_bytes
                     if route is not None and route.max_body_bytes is not None
                     else self._settings.max_body_bytes,
+                    self._settings.body_timeout_s,
                 )
                 if request.body_exists
                 else NO_BODY
@@ -139,7 +140,7 @@ class ProxyHandler:
             )
         except ProxyError as exc:
             exchange.error = exc.code
-            response = self._problem(exc)
+            response = self._problem(exc, request.version)
         except (asyncio.CancelledError, ConnectionError):
             # The client went away mid-request; logged with nginx's 499 convention.
             exchange.error = "client_closed"
@@ -214,13 +215,34 @@ class ProxyHandler:
             )
         return URL(upstream.base_url + target.path_qs, encoded=True), upstream.authority
 
-    def _problem(self, exc: ProxyError) -> web.Response:
+    def _problem(self, exc: ProxyError, version: HttpVersion) -> web.Response:
+        """``exc`` as problem+json; a request in a version we do not speak gets its
+        answer in HTTP/1.1, on a connection that then closes."""
         status, headers, body = render_problem(exc, self._settings.name)
-        response = web.Response(status=status, headers=headers, body=body)
+        kind = web.Response if version in _VERSIONS else _Http11Response
+        response = kind(status=status, headers=headers, body=body)
         response.headers["Server"] = self._settings.name  # not aiohttp's version string
-        if isinstance(exc, BadRequestError):
+        if isinstance(exc, BadRequestError) or kind is _Http11Response:
             response.force_close()  # the framing may be in doubt: never reuse
         return response
+
+
+class _Http11Response(web.Response):
+    """A response whose status line says HTTP/1.1 whatever the request's version.
+
+    aiohttp writes ``request.version`` into the status line; for an HTTP/2.0 or 0.9
+    request line (refused with 505/400) that would be a version we do not speak
+    (RFC 9110 §2.5: a server sends its own version). The status line is the one
+    aiohttp's ``_write_headers`` builds, with the version fixed.
+    """
+
+    async def _write_headers(self) -> None:
+        writer = self._payload_writer
+        if writer is None:
+            raise RuntimeError("headers written before prepare()")
+        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)
+        if self._send_headers_immediately:
+            writer.send_headers()
 
 
 _VERSIONS = frozenset({HttpVersion10, HttpVersion11})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import select
 import socket
 
 from aiohttp import web
@@ -186,14 +187,27 @@ class ProxySite(web.BaseSite):
                 continue
             if not head:
                 return None
-            if _CONNECT.startswith(head[: len(_CONNECT)]) and len(head) < len(_CONNECT):
-                await asyncio.sleep(pause)  # "CONN..." so far: back off, never spin
-                pause = min(pause * 2, _PARTIAL_RETRY_MAX_S)
-                continue
-            if self._transparent and looks_like_tls(head):
-                needed = record_length(head)
-                if needed is None or len(head) < min(needed, MAX_RECORD_BYTES):
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, _PARTIAL_RETRY_MAX_S)
-                    continue
-            return head
+            if not self._undecided(head):
+                return head
+            if _peer_closed(sock):
+                return None  # a prefix and then EOF: nothing can complete it
+            await asyncio.sleep(pause)  # "CONN..." so far: back off, never spin
+            pause = min(pause * 2, _PARTIAL_RETRY_MAX_S)
+
+    def _undecided(self, head: bytes) -> bool:
+        """Whether ``head`` is too short to classify: a prefix of ``CONNECT `` or, in
+        transparent mode, part of a TLS record."""
+        if len(head) < len(_CONNECT) and _CONNECT.startswith(head):
+            return True
+        if self._transparent and looks_like_tls(head):
+            needed = record_length(head)
+            return needed is None or len(head) < min(needed, MAX_RECORD_BYTES)
+        return False
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer has shut down its sending side (``POLLRDHUP``), even though
+    bytes it sent are still unread; a peek cannot tell that on its own."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _fd, events in poller.poll(0))

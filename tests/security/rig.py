@@ -55,17 +55,9 @@ def upstream_clients() -> list[str]:
     return choices or [""]
 
 
-def each_upstream_client(**xfail: str) -> list[typing.Any]:
-    """pytest params (``pytest.param``), one per upstream client; ``xfail={client:
-    reason}`` marks the clients known to fail (strict)."""
-    return [
-        pytest.param(
-            client,
-            id=client or "default",
-            marks=[pytest.mark.xfail(strict=True, reason=xfail[client])] if client in xfail else [],
-        )
-        for client in upstream_clients()
-    ]
+def each_upstream_client() -> list[typing.Any]:
+    """pytest params (``pytest.param``), one per upstream client."""
+    return [pytest.param(client, id=client or "default") for client in upstream_clients()]
 
 
 def client_setting(client: str) -> str:

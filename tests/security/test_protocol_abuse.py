@@ -46,24 +46,12 @@ async def test_http_1_2_is_refused_or_answered_as_http_1_1(rig: Rig) -> None:
     await rig.assert_still_serves()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an 'HTTP/2.0' request line over HTTP/1 framing is accepted: the request is "
-    "forwarded with the token (Via: 2.0 m2m-proxy) and answered with an 'HTTP/2.0 200' "
-    "status line; expected 505 (or 400) and nothing upstream",
-)
 async def test_http_2_0_request_line_is_refused(rig: Rig) -> None:
     await rig.refused(
         f"GET http://{API}/p HTTP/2.0\r\nHost: {API}\r\n\r\n".encode(), (400, 505), closes=None
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: HTTP/0.9 ('GET http://api.example.com/p' with no version, or 'HTTP/0.9') is "
-    "accepted: forwarded upstream with the token and answered 'HTTP/0.9 200' plus headers, "
-    "which is not HTTP/0.9; expected 400/505 and nothing upstream",
-)
 @pytest.mark.parametrize(
     "data",
     [

@@ -211,6 +211,7 @@ class _Checker(ClientChecks, RouteChecks):
             tls_handshake_timeout_s=section.tls_handshake_timeout_s,
             max_connections=section.max_connections,
             header_timeout_s=section.header_timeout_s,
+            body_timeout_s=section.body_timeout_s,
             client_idle_timeout_s=section.client_idle_timeout_s,
             max_uri_bytes=section.max_uri_bytes,
             max_header_bytes=section.max_header_bytes,

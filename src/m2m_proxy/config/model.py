@@ -123,6 +123,7 @@ class ProxySettings:
     tls_handshake_timeout_s: float = 10.0
     max_connections: int = 10000
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     client_idle_timeout_s: float = 60.0
     max_uri_bytes: int = 8190
     max_header_bytes: int = 8190

@@ -100,6 +100,11 @@ class ProxySection(_Section):
     header_timeout_s: float = Field(
         10.0, gt=0, description="From a request's first byte to its last header (slowloris)."
     )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait for the next bytes of an unfinished request body (else 408).",
+    )
     client_idle_timeout_s: float = Field(
         60.0, gt=0, description="A keep-alive client connection idle this long is closed."
     )

@@ -7,6 +7,7 @@ whose resolver enforces the egress policy.
 
 from __future__ import annotations
 
+import re
 import ssl
 
 import aiohttp
@@ -68,6 +69,22 @@ class SessionResponse:
         self._resp.close()
 
 
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+"""Bytes RFC 9110 §5.5 forbids in a field value (HTAB is allowed); aiohttp's client
+parser lets them through, and writing them to the client would fail mid-response."""
+
+
+def _check_head(resp: aiohttp.ClientResponse) -> None:
+    """Refuse what the lean client's parser refuses: a protocol switch nobody asked
+    for (the proxy never forwards Upgrade) and control bytes in a header value."""
+    if resp.status == 101:
+        resp.close()
+        raise UpstreamProtocolError("the upstream switched protocols unasked (101)")
+    if any(_CONTROL.search(value) for _name, value in resp.raw_headers):
+        resp.close()
+        raise UpstreamProtocolError("the upstream sent a control character in a header")
+
+
 class SessionUpstream:
     def __init__(
         self, session: aiohttp.ClientSession, guarded_session: aiohttp.ClientSession
@@ -119,6 +136,7 @@ class SessionUpstream:
             raise UpstreamProtocolError(
                 f"the upstream closed or broke the exchange ({type(exc).__name__})"
             ) from exc
+        _check_head(resp)
         return SessionResponse(resp)
 
     async def close(self) -> None:
