@@ -63,28 +63,44 @@ class ProblemRequestHandler(web.RequestHandler):
         self._header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
         self._awaiting_headers = True
+        self._head_started: float | None = None
+        """Loop time of the first byte of a request head still incomplete, else None."""
 
     def data_received(self, data: bytes) -> None:
-        """The first bytes of a request start its header clock (slowloris guard)."""
-        if self._awaiting_headers and self._header_timer is None and self._header_timeout_s:
-            self._header_timer = asyncio.get_running_loop().call_later(
-                self._header_timeout_s, self._headers_too_slow
-            )
+        """The first bytes of a request start its header clock (slowloris guard).
+
+        The clock is lazy, as aiohttp's keep-alive timer is: a request only notes when
+        its head started; the connection's one timer, armed when none is pending,
+        checks at the deadline and re-arms for a newer head. Under keep-alive load
+        that is one timer per connection per ``header_timeout_s``, not one per request.
+        """
+        if self._awaiting_headers and self._head_started is None and self._header_timeout_s:
+            loop = asyncio.get_running_loop()
+            self._head_started = started = loop.time()
+            if self._header_timer is None:
+                self._header_timer = loop.call_at(
+                    started + self._header_timeout_s, self._header_deadline
+                )
         super().data_received(data)
 
     def headers_received(self) -> None:
         """Called by the request handler: the request's head is complete."""
         self._awaiting_headers = False
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._head_started = None
 
     def request_done(self) -> None:
         """Called by the request handler: the next bytes start a new request."""
         self._awaiting_headers = True
 
-    def _headers_too_slow(self) -> None:
+    def _header_deadline(self) -> None:
         self._header_timer = None
+        started, timeout = self._head_started, self._header_timeout_s
+        if started is None or not timeout:
+            return  # no head in progress: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < started + timeout:
+            self._header_timer = loop.call_at(started + timeout, self._header_deadline)
+            return
         self._log.info("request_rejected", status=408, reason="header_timeout")
         transport = self.transport
         if transport is not None and not transport.is_closing():
