@@ -24,6 +24,7 @@ from m2m_proxy.errors import BodyStalledError, PayloadTooLargeError, UpstreamErr
 from m2m_proxy.headers import downstream_response_headers, upstream_request_headers
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.model import CredentialKey, Token
+from m2m_proxy.upgrade import SWITCHING_PROTOCOLS, ProtocolSwitch
 from m2m_proxy.upstream import Response, Upstream
 
 
@@ -40,6 +41,8 @@ class Exchange:
     """Seconds spent waiting for a token fetch or for upstream response headers."""
     responded: float = 0.0
     """When the response headers started back to the client (0: not yet)."""
+    switched: bool = False
+    """The client got a 101 and the connection is relaying another protocol."""
 
 
 class Body:
@@ -179,11 +182,13 @@ class Forwarder:
         exchange: Exchange,
         tls: ssl.SSLContext | None = None,
         guarded: bool = False,
+        switch: ProtocolSwitch | None = None,
     ) -> web.StreamResponse:
         """Send upstream (with a token when ``key`` is set), replay once on 401, stream back.
 
         ``tls`` verifies an https upstream (None: the system store); ``guarded``
-        requests (no route names them) go only where the egress policy allows."""
+        requests (no route names them) go only where the egress policy allows;
+        ``switch``: the request asks for an allowed protocol upgrade (upgrade.py)."""
         via = self._via_by_version.get(request.version)
         if via is None:
             via = f"{request.version.major}.{request.version.minor} {self._via}"
@@ -204,7 +209,15 @@ class Forwarder:
                     exchange.waited += self._clock() - waiting
         waiting = self._clock()
         resp = await self._send(
-            request, url=url, host=host, token=token, body=body, via=via, tls=tls, guarded=guarded
+            request,
+            url=url,
+            host=host,
+            token=token,
+            body=body,
+            via=via,
+            tls=tls,
+            guarded=guarded,
+            switch=switch,
         )
         exchange.waited += self._clock() - waiting
         if resp.status == 401 and key is not None and token is not None:
@@ -222,12 +235,15 @@ class Forwarder:
                     via=via,
                     tls=tls,
                     guarded=guarded,
+                    switch=switch,
                 )
                 exchange.waited += self._clock() - waiting
                 exchange.replayed = "still_401" if resp.status == 401 else "recovered"
             else:
                 exchange.replayed = "not_replayable"
         exchange.responded = self._clock()
+        if switch is not None and resp.status == SWITCHING_PROTOCOLS:
+            return await switch.run(request, resp, via=via, server=self._via, exchange=exchange)
         return await self._stream_back(request, resp, via, exchange)
 
     def _send(
@@ -241,6 +257,7 @@ class Forwarder:
         via: str,
         tls: ssl.SSLContext | None,
         guarded: bool,
+        switch: ProtocolSwitch | None = None,
     ) -> Coroutine[Any, Any, Response]:
         headers: CIMultiDict[str] = upstream_request_headers(
             request.headers,
@@ -248,6 +265,8 @@ class Forwarder:
             authorization=token.authorization if token is not None else None,
             via=via,
         )
+        if switch is not None:
+            switch.apply(headers)
         return self._upstream.request(
             request.method,
             url,

@@ -37,6 +37,7 @@ from m2m_proxy.logs import AccessLog
 from m2m_proxy.metrics import Metrics
 from m2m_proxy.routing import RouteTable
 from m2m_proxy.target import Target, TunnelOrigin, parse_target, parse_tunneled_target
+from m2m_proxy.upgrade import SWITCHING_PROTOCOLS, ProtocolSwitch
 
 CLIENT_CLOSED = 499
 """Status logged when the client closed the connection before the response was done."""
@@ -116,6 +117,13 @@ class ProxyHandler:
                 )
             self._guard(request, target, route, tunnel)
             url, host = self._upstream_of(target, route)
+            switch = (
+                ProtocolSwitch.requested(
+                    request, route.upgrades, self._settings.tunnel_idle_timeout_s
+                )
+                if route is not None and route.upgrades
+                else None
+            )
             body = (
                 await Body.read(
                     request,
@@ -137,12 +145,17 @@ class ProxyHandler:
                 exchange=exchange,
                 tls=self._upstream_tls(route) if route is not None else None,
                 guarded=route is None,
+                switch=switch,
             )
         except ProxyError as exc:
             exchange.error = exc.code
             response = self._problem(exc, request.version)
         except (asyncio.CancelledError, ConnectionError):
-            # The client went away mid-request; logged with nginx's 499 convention.
+            # The client went away mid-request; logged with nginx's 499 convention
+            # (after a protocol switch that is how the relay ends: logged as the 101).
+            if exchange.switched:
+                self._log_completed(request, exchange, SWITCHING_PROTOCOLS)
+                raise
             exchange.error = "client_closed"
             self._log_completed(request, exchange, CLIENT_CLOSED)
             raise

@@ -904,3 +904,32 @@ async def test_connect_with_the_pure_python_parser_in_a_proxy_process(
     for record in upstream.requests:
         _claims_of_the_one_bearer(record)
     assert len(stack.token_requests()) == 1
+
+
+# -- a WebSocket inside an intercepted tunnel ------------------------------------------------
+
+
+async def test_a_websocket_inside_an_intercepted_tunnel_gets_the_token(
+    stack: DevStack, pki: Pki
+) -> None:
+    async def ws_echo(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo:{msg.data}")
+        return ws
+
+    async with tls_upstream(pki, ws_echo) as upstream:
+        routes = _routes(stack, pki, upstream, routes_extra="    upgrades: [websocket]\n")
+        async with running_proxy(routes) as proxy, aiohttp.ClientSession() as session:
+            async with session.ws_connect(
+                f"wss://{HOST}/ws", proxy=proxy.url, ssl=pki.trusting_interception()
+            ) as ws:
+                await ws.send_str("over tls")
+                assert (await ws.receive(timeout=5)).data == "echo:over tls"
+            [record] = upstream.requests
+            _claims_of_the_one_bearer(record)
+            assert record.header("Upgrade") == ["websocket"]
+            events = await _wait_events(proxy.log_events, "request_completed")
+            assert [e["status"] for e in events] == [101]

@@ -1107,3 +1107,43 @@ def test_connect_ports_must_be_tcp_ports() -> None:
     [problem] = problems("proxy:\n  connect_ports: [443, 70000]\n")
     assert problem.endswith("proxy.connect_ports[1]: 70000 is not a TCP port (1-65535)")
     assert load("proxy:\n  connect_ports: [443, 8443]\n").proxy.connect_ports == {443, 8443}
+
+
+# --- upgrades ------------------------------------------------------------------------
+
+
+def test_a_route_allows_no_upgrade_by_default() -> None:
+    config = load(with_route("host: api.example.com\nclient: orders\n"))
+    assert config.routes[0].upgrades == frozenset()
+
+
+def test_upgrades_are_protocol_names_compared_in_lower_case() -> None:
+    config = load(with_route("host: api.example.com\nclient: orders\nupgrades: [WebSocket]\n"))
+    assert config.routes[0].upgrades == frozenset({"websocket"})
+
+
+def test_h2c_is_never_an_allowed_upgrade() -> None:
+    text = with_route("host: api.example.com\nclient: orders\nupgrades: [websocket, H2C]\n")
+    assert problems(text) == [
+        "routes.yaml:9:27: routes[0].upgrades[1]: 'H2C' is never allowed: HTTP/2 inside the "
+        "switched connection would bypass the proxy's header rules and token; remove it"
+    ]
+
+
+def test_an_upgrade_that_is_not_a_token_is_refused() -> None:
+    found = problems(
+        with_route("host: api.example.com\nclient: orders\nupgrades: ['web socket']\n")
+    )
+    assert len(found) == 1
+    assert found[0].startswith("routes.yaml:9:")
+    assert "routes[0].upgrades[0]: 'web socket' is not a protocol name" in found[0]
+
+
+def test_upgrades_need_the_lean_upstream_client() -> None:
+    text = "proxy:\n  upstream_client: aiohttp\n" + with_route(
+        "host: api.example.com\nclient: orders\nupgrades: [websocket]\n"
+    )
+    assert problems(text) == [
+        "routes.yaml:11:15: routes[0].upgrades: needs proxy.upstream_client: lean (the aiohttp "
+        "client cannot hand over the connection after 101); remove it or use lean"
+    ]

@@ -138,6 +138,7 @@ class _Checker(ClientChecks, RouteChecks):
         self._check_client_certificates(sections, client_data)
         if proxy is not None:
             self._check_https_modes(sections, proxy)
+            self._check_upgrades(sections, proxy)
         if proxy is None:
             return None
         return Config(source=self._file, proxy=proxy, clients=clients, routes=routes)
@@ -165,6 +166,18 @@ class _Checker(ClientChecks, RouteChecks):
                     ("routes", index, "https"),
                     "intercept needs an interception CA; create one with `m2m-proxy ca init "
                     "--dir DIR` and set proxy.ca_cert_file and proxy.ca_key_file",
+                )
+
+    def _check_upgrades(self, sections: list[RouteSection | None], proxy: ProxySettings) -> None:
+        """``upgrades`` needs the lean upstream client (it hands over the connection)."""
+        if proxy.upstream_client == "lean":
+            return
+        for index, section in enumerate(sections):
+            if section is not None and section.upgrades:
+                self.problem(
+                    ("routes", index, "upgrades"),
+                    f"needs proxy.upstream_client: lean (the {proxy.upstream_client} client "
+                    "cannot hand over the connection after 101); remove it or use lean",
                 )
 
     def _mapping_of(self, data: dict[str, Any], key: str) -> dict[str, Any]:

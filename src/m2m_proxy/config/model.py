@@ -249,6 +249,8 @@ class RouteConfig:
     """None: the proxy's default (``proxy.allow_from`` / ``allow_users``)."""
     max_body_bytes: int | None = None
     """None: the proxy's ``max_body_bytes``."""
+    upgrades: frozenset[str] = frozenset()
+    """Lower-case protocol names a client may switch to with ``Upgrade`` (never h2c)."""
 
     @property
     def is_wildcard(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +24,10 @@ from m2m_proxy.config.model import (
 from m2m_proxy.config.report import Reporter
 from m2m_proxy.config.schema import RouteSection
 from m2m_proxy.config.source import Path
+
+NEVER_UPGRADES = frozenset({"h2c", "h2", "http"})
+"""Upgrades no route may allow: a switch to HTTP/2 (or another HTTP version)."""
+_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 
 
 class RouteChecks(Reporter):
@@ -82,6 +87,7 @@ class RouteChecks(Reporter):
         scope = self._scope((*base, "scope"), section.scope)
         params = self._token_params((*base, "token_params"), section.token_params)
         ca_file = self._ca_file((*base, "ca_file"), section.ca_file)
+        upgrades = self._upgrades((*base, "upgrades"), section.upgrades)
         access = None
         if section.allow_from is not None or section.allow_users is not None:
             access = self._access_policy(base, section.allow_from, section.allow_users, users)
@@ -110,7 +116,29 @@ class RouteChecks(Reporter):
             https=HttpsMode(section.https or "intercept"),
             access=access,
             max_body_bytes=section.max_body_bytes,
+            upgrades=upgrades,
         )
+
+    def _upgrades(self, path: Path, values: list[str]) -> frozenset[str]:
+        """Protocol names (RFC 9110 tokens), lower-cased; never a switch to HTTP/2."""
+        names = set()
+        for i, value in enumerate(values):
+            name = value.strip().lower()
+            if not _TOKEN.fullmatch(name):
+                self.problem(
+                    (*path, i),
+                    f"'{value}' is not a protocol name; write one like websocket "
+                    "(letters, digits and !#$%&'*+-.^_`|~, no version)",
+                )
+            elif name in NEVER_UPGRADES:
+                self.problem(
+                    (*path, i),
+                    f"'{value}' is never allowed: HTTP/2 inside the switched connection "
+                    "would bypass the proxy's header rules and token; remove it",
+                )
+            else:
+                names.add(name)
+        return frozenset(names)
 
     def _host_pattern(self, path: Path, text: str) -> tuple[str, int | None] | None:
         wildcard = text.startswith("*.")

@@ -242,6 +242,11 @@ class RouteSection(_Section):
         description="Present the client's client_cert_file to the https upstream, so "
         "certificate-bound tokens (RFC 8705 cnf.x5t#S256) are accepted.",
     )
+    upgrades: list[str] = Field(
+        default_factory=list,
+        description="Protocols a client may switch to with Upgrade on this route (e.g. "
+        "websocket; case-insensitive; never h2c). Empty: Upgrade is removed.",
+    )
 
 
 class RoutesFile(_Section):

@@ -123,6 +123,10 @@ class Connection(asyncio.Protocol):
         # The current exchange.
         self._active = False
         self._head_request = False
+        self._upgrade = False
+        """The request asked for a protocol switch: a 101 ends the exchange (switched)."""
+        self.switched = False
+        self._tail: list[bytes] = []
         self._sent = False
         self._writer: asyncio.Task[None] | None = None
         self._head_waiter: asyncio.Future[None] | None = None
@@ -148,6 +152,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._active or self.complete:
+            if self.switched:  # the new protocol's bytes, kept for whoever takes over
+                self._hold(data)
+                return
             # Bytes nobody asked for (idle), or after the response ended: a peer that
             # talks out of turn is not trusted with another request.
             self._keep_alive = False
@@ -162,6 +169,8 @@ class Connection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self.complete:  # bytes after the response: closed at release
                 self._keep_alive = False
+                if self.switched and isinstance(exc, httptools.HttpParserUpgrade):
+                    self._hold(data[exc.args[0] :])
                 return
             cause = exc.__context__
             if isinstance(cause, UpstreamError):
@@ -247,6 +256,9 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         if status < 200:
             if status == 101:
+                if self._upgrade:
+                    self._switch(parser)
+                    return
                 raise HeadRejectedError(
                     "the upstream switched protocols (101), which the proxy never asks for"
                 )
@@ -283,6 +295,44 @@ class Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _switch(self, parser: httptools.HttpResponseParser) -> None:
+        """A 101 to a request that asked for it: the exchange ends with this head, and
+        the connection is the new protocol's, for :meth:`detach` (never pooled)."""
+        fields = response_fields(self._raw, len(self._reason))
+        self.switched = self.complete = True
+        self._keep_alive = False
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.response = UpstreamResponse(
+            self, 101, self._reason.decode("utf-8", "surrogateescape"), CIMultiDictProxy(fields)
+        )
+        waiter = self._head_waiter
+        if waiter is not None:
+            self._head_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _hold(self, data: bytes) -> None:
+        if data:
+            self._tail.append(data)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the transport (reading paused) and the bytes that came after the
+        head. The connection leaves the pool for good; the caller owns the transport
+        (``set_protocol``) and must close it."""
+        transport = self.transport
+        if not self.switched or transport is None:
+            raise RuntimeError("only a switched connection can be detached")
+        self._disarm()
+        self._active = False
+        self.response = None
+        self._on_lost(self)  # the pool forgets it: never handed out, nor closed by it
+        tail = b"".join(self._tail)
+        self._tail.clear()
+        return transport, tail
+
     def on_body(self, data: bytes) -> None:
         if self.complete:  # a HEAD response with a body: the framing is off
             self._keep_alive = False
@@ -312,13 +362,16 @@ class Connection(asyncio.Protocol):
         content_length: int | None,
         chunked: bool,
         head_request: bool,
+        upgrade: bool = False,
     ) -> UpstreamResponse:
-        """Send one request and wait for its response head."""
+        """Send one request and wait for its response head; ``upgrade``: the request
+        asks for a protocol switch, and a 101 may answer it (see :meth:`detach`)."""
         transport = self.transport
         if transport is None or self._active or self.idle:
             raise RuntimeError("a connection serves one exchange at a time, out of the pool")
         self._active = True
         self._head_request = head_request
+        self._upgrade = upgrade
         waiter = self._head_waiter = self._loop.create_future()
         if body is None:
             transport.write(head)
@@ -418,7 +471,7 @@ class Connection(asyncio.Protocol):
     def _reset(self) -> None:
         if self._head_request:
             self._parser = _new_parser(self)  # llhttp still expects the HEAD body
-        self._head_request = self._sent = self.complete = False
+        self._head_request = self._sent = self.complete = self._upgrade = False
         self._writer = self._head_waiter = self._body_waiter = None
         self.response = None
         self.received_any = self._interim = False

@@ -19,7 +19,7 @@ import asyncio
 import ssl
 from collections import deque
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 from yarl import URL
 
 from m2m_proxy.egress import EgressPolicy
@@ -41,6 +41,9 @@ from m2m_proxy.upstream.connection import (
 from m2m_proxy.upstream.head import HeadInjectionError, framing, replayable, request_head
 from m2m_proxy.upstream.response import UpstreamResponse
 
+_UPGRADE = istr("Upgrade")
+"""Only the proxy's upgrade path sets it (headers.py strips the client's): a request
+carrying it may be answered with 101."""
 KEEPALIVE_S = 30.0
 """How long an idle connection is kept (aiohttp's keepalive_timeout as app.py set it)."""
 _CLOSE_WAIT_S = 1.0
@@ -121,6 +124,7 @@ class UpstreamPool:
                     content_length=content_length,
                     chunked=frame.chunked,
                     head_request=method == "HEAD",
+                    upgrade=_UPGRADE in headers,
                 )
             except ClosedBeforeResponseError:
                 if retried or not conn.reused or not _replayable(method, headers, body):

@@ -6,6 +6,7 @@ the exchange is released (the connection may serve another), it only says "ended
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
@@ -70,6 +71,14 @@ class UpstreamResponse:
         """Done with the response: back to the pool if reusable, else closed."""
         if self._conn.response is self:
             self._conn.release()
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101 the request asked for: the raw connection and the bytes already
+        received after the head; the connection never returns to the pool."""
+        if self._conn.response is not self:
+            raise UpstreamProtocolError("the response was released before the switch")
+        self._ended = True
+        return self._conn.detach()
 
     def close(self) -> None:
         """Abandon the response: the connection is closed."""

@@ -17,6 +17,7 @@ from yarl import URL
 from m2m_proxy.egress import DestinationBlockedError
 from m2m_proxy.errors import (
     DestinationDeniedError,
+    NotSupportedError,
     ProxyError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
@@ -105,6 +106,8 @@ class SessionUpstream:
         ssl: ssl.SSLContext | None,
         guarded: bool,
     ) -> SessionResponse:
+        if "Upgrade" in headers:  # the config check refuses upgrades with this client
+            raise NotSupportedError("protocol upgrades need proxy.upstream_client: lean")
         if content_length is not None:
             headers["Content-Length"] = str(content_length)
         session = self._guarded if guarded else self._session
