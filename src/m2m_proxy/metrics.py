@@ -56,8 +56,11 @@ class Histogram:
         return out
 
 
+_STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 def _status_class(status: int) -> str:
-    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+    return _STATUS_CLASSES[status // 100] if 100 <= status < 600 else "other"
 
 
 @dataclass
@@ -91,15 +94,19 @@ class Metrics:
         error: str | None,
     ) -> None:
         key = (route, method if method in METHODS else "other", _status_class(status))
-        self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.durations.get(route)
-        if histogram is None:
-            histogram = self.durations[route] = Histogram(REQUEST_BUCKETS)
-        histogram.observe(duration_s)
-        histogram = self.added.get(route)
-        if histogram is None:
-            histogram = self.added[route] = Histogram(ADDED_BUCKETS)
-        histogram.observe(max(added_s, 0.0))
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        durations = self.durations.get(route)
+        if durations is None:
+            durations = self.durations[route] = Histogram(REQUEST_BUCKETS)
+        durations.counts[bisect.bisect_left(REQUEST_BUCKETS, duration_s)] += 1
+        durations.total += duration_s
+        added = self.added.get(route)
+        if added is None:
+            added = self.added[route] = Histogram(ADDED_BUCKETS)
+        added_s = max(added_s, 0.0)
+        added.counts[bisect.bisect_left(ADDED_BUCKETS, added_s)] += 1
+        added.total += added_s
         if token != "none":
             self.lookups[token] = self.lookups.get(token, 0) + 1
         if replayed != "no":
