@@ -49,7 +49,7 @@ unit: install
 functional: install
 	$(PY) -m pytest -q tests/functional
 
-## bench: throughput and latency against the upstream directly and a minimal aiohttp proxy
+## bench: req/s, latency at a fixed rate, CPU and memory: the upstream directly, a minimal aiohttp proxy, nginx, proxy.py (wrk), then HTTPS vs mitmproxy
 bench: install
 	$(PY) bench/run.py
 

@@ -1,8 +1,9 @@
-"""CPU accounting from /proc, around each wrk run.
+"""CPU (and memory) accounting from /proc, around each wrk run.
 
 The machine is shared (2 cores, and often someone's test suite): besides wall-clock numbers,
 each run records the server's CPU time per request and how many cores *other* processes used
-meanwhile, so a disturbed run can be seen, and retried.
+meanwhile, so a disturbed run can be seen, and retried; and the server's peak resident
+memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ def pid_cpu_s(pid: int) -> float:
         return 0.0
     fields = text.rpartition(")")[2].split()  # fields[0] is the state (field 3 of stat)
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM of a live process: the most resident memory it has had, in KiB (0 if gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def descendants(root: int) -> list[int]:

@@ -2,54 +2,37 @@
 (bench/.venv-mitm, git-ignored) on first use, and the ``mitmdump`` command line.
 
 Its own venv because mitmproxy pins its dependencies (cryptography, h11, ...) to versions
-that need not match the project's. Installed with pip from PyPI, once; later runs reuse it
-while the version and the interpreter are the same (a stamp file records both).
+that need not match the project's (bench/install.py: installed with pip from PyPI, once).
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
-from scenario import BENCH, MITM_VENV, ROOT, BenchError
+from install import ensure_venv
+from scenario import BENCH, MITM_VENV
 
 ADDON = BENCH / "mitm_addon.py"
-_STAMP = MITM_VENV / ".bench-installed"
-_INSTALL_TIMEOUT_S = 600
 
 
 def ensure_mitmproxy(python: str, version: str) -> Path:
     """The path of mitmdump ``version`` in bench/.venv-mitm, made with ``python``."""
-    mitmdump = MITM_VENV / "bin" / "mitmdump"
-    wanted = f"mitmproxy=={version} python={python}\n"
-    if mitmdump.exists() and _STAMP.exists() and _STAMP.read_text(encoding="utf-8") == wanted:
-        return mitmdump
-    print(
-        f"bench: installing mitmproxy=={version} into {MITM_VENV.relative_to(ROOT)} "
-        "(once; about 20 s) ...",
-        flush=True,
+
+    def check(mitmdump: Path) -> str | None:
+        if mitmproxy_version(mitmdump) != version:
+            return f"{mitmdump} --version does not report mitmproxy {version}"
+        return None
+
+    return ensure_venv(
+        MITM_VENV,
+        f"mitmproxy=={version}",
+        python,
+        "mitmdump",
+        check=check,
+        hint="(mitmproxy 11.1 and newer need Python >= 3.12: pick the version with "
+        "--mitmproxy-version and the interpreter with --mitmproxy-python)",
     )
-    pip = [str(MITM_VENV / "bin" / "python"), "-m", "pip"]
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    for argv in (
-        [python, "-m", "venv", "--clear", str(MITM_VENV)],
-        [*pip, "install", "--quiet", f"mitmproxy=={version}"],
-    ):
-        result = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=_INSTALL_TIMEOUT_S, check=False
-        )
-        if result.returncode != 0:
-            output = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-            raise BenchError(
-                f"{' '.join(argv)} failed ({result.returncode}):\n{output}\n"
-                "(mitmproxy 11.1 and newer need Python >= 3.12: pick the version with "
-                "--mitmproxy-version and the interpreter with --mitmproxy-python)"
-            )
-    if mitmproxy_version(mitmdump) != version:
-        raise BenchError(f"{mitmdump} --version does not report mitmproxy {version}")
-    _STAMP.write_text(wanted, encoding="utf-8")
-    return mitmdump
 
 
 def mitmproxy_version(mitmdump: Path) -> str:

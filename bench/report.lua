@@ -1,5 +1,9 @@
 -- wrk reporter for bench/run.py: after the run, one line "WRK_JSON {...}" with the raw
 -- counts and latency percentiles in microseconds (wrk's own text output rounds them).
+-- With BENCH_RATE set, requests are paced (pace.lua next to this file).
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+dofile(here .. "pace.lua")
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,21 +211,44 @@ def check_target(name: str, url: str, headers: dict[str, str], proxy: str | None
         raise BenchError(f"{name}: unexpected answer from the demo API: {answer}")
 
 
-def wait_minimal_ready(
-    proc: subprocess.Popen[bytes], url: str, host: str, timeout_s: float = READY_TIMEOUT_S
+def wait_ready(
+    name: str,
+    proc: subprocess.Popen[bytes],
+    check: Callable[[], None],
+    log: Path,
+    timeout_s: float = READY_TIMEOUT_S,
 ) -> None:
-    """Poll the minimal proxy until one request passes :func:`check_target`."""
+    """Poll until ``check()`` (one request, :func:`check_target`) passes; BenchError with the
+    tail of ``log`` if ``proc`` exits or nothing answers in time."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise BenchError(f"minimal proxy exited with code {proc.returncode}")
+            tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise BenchError(f"{name} exited with code {proc.returncode}:\n{tail}")
         try:
-            check_target("minimal proxy", url, {"Host": host})
+            check()
             return
         except (urllib.error.URLError, OSError):
             if time.monotonic() > deadline:
-                raise BenchError(f"minimal proxy not answering at {url}") from None
+                tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+                raise BenchError(f"{name} not answering after {timeout_s:.0f} s:\n{tail}") from None
             time.sleep(0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Another proxy compared with m2m-proxy (nginx, proxy.py), running next to the rig."""
+
+    target: Target
+    proc: subprocess.Popen[bytes]
+    log: Path  # its stderr
+    version: str
+    settings: str  # how it is configured, in a few words, for the reports
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise BenchError(f"{self.target.name} exited ({self.proc.returncode}):\n{tail}")
 
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -419,13 +442,15 @@ def rig(
             wait_proxy_ready(m2m, f"http://127.0.0.1:{admin_port}/readyz", ready_timeout_s)
         except DevStackError as err:
             raise BenchError(f"m2m-proxy: {err}\n{the_rig.stderr_of('m2m-proxy')}") from err
-        try:
-            wait_minimal_ready(minimal, targets[1].url, API_HOST, ready_timeout_s)
-        except BenchError as err:
-            raise BenchError(f"{err}\n{the_rig.stderr_of('minimal proxy')}") from err
+        wait_ready(
+            "minimal proxy",
+            minimal,
+            lambda: check_target("B minimal", targets[1].url, {"Host": API_HOST}),
+            logs["minimal proxy"],
+            ready_timeout_s,
+        )
         # One request each, as wrk will send it: 200 from the demo API, one token, our client.
         check_target("A direct", targets[0].url, {"Authorization": f"Bearer {token}"})
-        check_target("B minimal", targets[1].url, {"Host": API_HOST})
         check_target("C m2m-host", targets[2].url, {"Host": API_HOST})
         check_target("D m2m-forward", FORWARD_URL, {}, proxy=f"http://127.0.0.1:{proxy_port}")
         yield the_rig

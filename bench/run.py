@@ -1,13 +1,20 @@
-"""`make bench`: m2m-proxy's throughput and latency next to a minimal aiohttp proxy.
+"""`make bench`: m2m-proxy's throughput, latency, CPU and memory next to a minimal aiohttp
+proxy, nginx and proxy.py.
 
-One self-contained run: installs wrk if needed (apt-get, as root), starts the dev stack
-(oidc-provider IdP + the Node demo API, the upstream), m2m-proxy and bench/minimal_proxy.py,
-warms them up, then loads four targets with wrk, alternating A B C D for --reps rounds:
+One self-contained run: installs wrk and nginx if needed (apt-get, as root) and proxy.py
+(into bench/.venv-proxypy), starts the dev stack (oidc-provider IdP + the Node demo API, the
+upstream), m2m-proxy, bench/minimal_proxy.py, nginx and proxy.py, warms them up, then loads
+six targets with wrk, alternating A B C D N P for --reps rounds, each once at saturation
+(req/s, CPU per request) and once paced to --rate req/s (latency, CPU per request at that
+rate, peak RSS); --pin puts the server under test alone on one core:
 
   A  direct       the demo API itself, with a valid Authorization header
   B  minimal      bench/minimal_proxy.py (fixed Bearer header, reverse mode)
   C  m2m-host     m2m-proxy, origin-form request routed by its Host header
   D  m2m-forward  m2m-proxy, absolute-form request as HTTP_PROXY clients send it
+  N  nginx        nginx reverse proxy, fixed Bearer header (bench/nginx.py)
+  P  proxy.py     proxy.py forward proxy, absolute-form request, a plugin sets the Bearer
+                  header (bench/proxypy.py, bench/proxypy_plugin.py)
 
 Then (unless --no-https) the HTTPS-interception comparison in the same rig: m2m-proxy
 against mitmproxy (installed on first use into bench/.venv-mitm), both intercepting CONNECT
@@ -24,12 +31,14 @@ each proxy process (B, C, D) executes per request, counted by valgrind's callgri
 fixed number of requests (bench/instructions.py), plus where C spends them; it writes
 bench/results/instructions.json and the callgrind dumps to bench/results/callgrind/.
 
-Modules, one concept each: scenario (constants), rig (the processes), wrk and cpu (one load
-run and its CPU accounting), summary (tables, ratios, docs), throughput (the wrk mode),
-https, https_summary, mitm, mitm_addon, tunnel_load and tls_demo_api.mjs (the HTTPS part),
-instructions, hot_spots and callgrind_run (the --instructions mode), machine (facts for the
-reports), outcome (the report's common fields and the exit code). This file parses the
-command line and dispatches.
+Modules, one concept each: scenario (constants), rig (the processes), install (apt-get and
+own venvs for the tools), wrk, pace.lua and cpu (one load run, its pacing and its CPU and
+memory accounting), pin (--pin), nginx, proxypy and proxypy_plugin (the peers), summary
+(tables, ratios, verdicts), docs_section (what the generated docs sections share),
+throughput (the wrk mode), https, https_summary, mitm, mitm_addon, tunnel_load and
+tls_demo_api.mjs (the HTTPS part), instructions, hot_spots and callgrind_run (the
+--instructions mode), machine (facts for the reports), outcome (the report's common fields
+and the exit code). This file parses the command line and dispatches.
 
 Exit code: 0 measured cleanly (whatever the ratios); 1 could not run, or a non-2xx answer,
 a socket error, a rejection by the demo API or an unexpected token request (in either
@@ -54,7 +63,7 @@ from dev_stack import DevStackError  # noqa: E402
 
 import instructions  # noqa: E402
 from callgrind_run import InstructionSettings, count_instructions  # noqa: E402
-from scenario import MITMPROXY_VERSION, BenchError  # noqa: E402
+from scenario import MITMPROXY_VERSION, PACED_RATE, PROXYPY_VERSION, BenchError  # noqa: E402
 from throughput import Settings, bench, hold  # noqa: E402
 
 
@@ -81,6 +90,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="wrk -c (32); with --instructions, keep-alive connections of the driver (4)",
     )
     parser.add_argument("--threads", type=int, default=1, help="wrk -t (1)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=PACED_RATE,
+        help=f"req/s of the paced runs, the same for every target ({PACED_RATE:g})",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server under test alone on CPU 0, wrk and everything else on CPU 1",
+    )
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also nginx (N) and proxy.py (P) (default: yes; --no-peers: A B C D only)",
+    )
+    parser.add_argument(
+        "--proxypy-version",
+        default=PROXYPY_VERSION,
+        help=f"proxy.py installed into bench/.venv-proxypy ({PROXYPY_VERSION})",
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds per target (3)")
     parser.add_argument(
         "--max-other-load",
@@ -165,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.connections = 4 if args.instructions else 32
     if args.duration <= 0 or args.reps < 1 or args.connections < args.threads or args.threads < 1:
         parser.error("need --duration > 0, --reps >= 1, --threads >= 1, --connections >= threads")
+    if args.rate <= 0:
+        parser.error("need --rate > 0")
     settings = Settings(
         duration=args.duration,
         reps=args.reps,
@@ -184,13 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         https_warmup=args.https_warmup,
         mitmproxy_version=args.mitmproxy_version,
         mitmproxy_python=args.mitmproxy_python,
+        rate=args.rate,
+        pin=args.pin,
+        peers=args.peers,
+        proxypy_version=args.proxypy_version,
     )
     if args.https_duration <= 0 or args.https_connections < 1 or args.https_warmup < 0:
         parser.error("need --https-duration > 0, --https-connections >= 1, --https-warmup >= 0")
     if args.instructions:
-        if args.hold or args.write_docs or args.https_only:
+        if args.hold or args.write_docs or args.https_only or args.pin:
             parser.error(
-                "--instructions does not combine with --hold, --write-docs or --https-only"
+                "--instructions does not combine with --hold, --write-docs, --https-only or --pin"
             )
         if args.requests < 1 or args.warmup_requests < 1:
             parser.error("need --requests >= 1 and --warmup-requests >= 1")

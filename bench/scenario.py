@@ -32,6 +32,13 @@ TLS_AUTHORITY = f"{TLS_HOST}:443"
 MITMPROXY_VERSION = "11.0.2"
 MITM_VENV = BENCH / ".venv-mitm"
 
+# The peers of the wrk part (bench/nginx.py, bench/proxypy.py): nginx from Debian, proxy.py
+# from PyPI in its own venv (2.4.10: the newest release, February 2025), and the fixed rate
+# at which every target's latency is measured.
+PROXYPY_VERSION = "2.4.10"
+PROXYPY_VENV = BENCH / ".venv-proxypy"
+PACED_RATE = 1000.0
+
 
 class BenchError(RuntimeError):
     """The benchmark could not run; the message says why."""

@@ -1,36 +1,44 @@
-"""The wrk mode (``make bench``): warm-up, --reps rounds of A B C D with disturbed runs
-measured again, then the tables, bench/results/latest.json and optionally the docs; then,
-unless --no-https, the HTTPS-interception comparison with mitmproxy (bench/https.py) in the
-same rig; and --hold, which starts the same rig and waits, for profiling by hand."""
+"""The wrk mode (``make bench``): the rig plus the peers (nginx, proxy.py; unless
+--no-peers), warm-up, --reps rounds of A B C D N P, each target once at saturation and once
+paced to --rate, disturbed runs measured again, optionally --pin'ned; then the tables,
+bench/results/latest.json and optionally the docs; then, unless --no-https, the
+HTTPS-interception comparison with mitmproxy (bench/https.py) in the same rig; and --hold,
+which starts the same processes and waits, for profiling by hand."""
 
 from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from docs_section import DOCS
 from https import HttpsSettings, https_side, load_argv, measure_https
 from https_summary import finish_https
 from machine import machine_info
 from mitm import ensure_mitmproxy, mitmproxy_version
+from nginx import ensure_nginx, running_nginx
 from outcome import print_tally, report_head, tally_json, verdict, write_report
-from rig import Rig, Tally, rig
-from scenario import BENCH, MITMPROXY_VERSION, PATH, ROOT
+from pin import cpus, release
+from proxypy import ensure_proxypy, running_proxypy
+from rig import Peer, Rig, Tally, rig
+from scenario import BENCH, MITMPROXY_VERSION, PACED_RATE, PATH, PROXYPY_VERSION, ROOT
 from summary import (
-    DOCS,
     TARGET_RATIO,
     Summary,
+    peer_verdicts,
     per_round,
+    per_round_pairs,
     ratios,
     render_docs_section,
     render_tables,
     run_line,
     write_docs,
 )
-from wrk import ensure_wrk, measure, run_wrk, wrk_command
+from wrk import Target, WrkRun, ensure_wrk, measure, run_wrk, server_processes, wrk_command
 
 RESULTS_JSON = BENCH / "results" / "latest.json"
 
@@ -57,6 +65,10 @@ class Settings:
     https_warmup: float = 2.0
     mitmproxy_version: str = MITMPROXY_VERSION
     mitmproxy_python: str | None = None  # the interpreter of mitmproxy's venv (--python)
+    rate: float = PACED_RATE  # req/s of the paced runs (latency at a fixed rate)
+    pin: bool = False  # the server under test alone on one core (bench/pin.py)
+    peers: bool = True  # nginx and proxy.py next to A B C D
+    proxypy_version: str = PROXYPY_VERSION
 
     def https_settings(self) -> HttpsSettings:
         return HttpsSettings(
@@ -80,15 +92,22 @@ def hold(settings: Settings) -> int:
     """Start everything, print how to load and profile it, wait for Ctrl-C."""
     wrk = ensure_wrk()
     mitmdump = settings.mitmdump()
+    installed = _install_peers(settings)
     load = {"connections": settings.connections, "threads": settings.threads}
-    with rig(settings.python, log_level=settings.log_level, https=mitmdump is not None) as r:
+    with (
+        rig(settings.python, log_level=settings.log_level, https=mitmdump is not None) as r,
+        _peers(r, installed) as peers,
+    ):
         print(f"\nbench: ready. m2m-proxy pid {r.m2m.pid}, minimal proxy pid {r.minimal.pid}")
         print(f"  export T={r.token}")
-        for target in r.targets:
+        for target in _targets(r, peers):
             print(f"  {target.key} {target.name:<12} {wrk_command(wrk, target, **load)}")
+        print(f"  paced: BENCH_RATE={settings.rate:g} before any of them (bench/pace.lua)")
         print(f"  profile: py-spy record -o profile.svg -d 10 -p {r.m2m.pid}  (during a wrk run)")
+        if peers:
+            print(f"  peers' pids: {', '.join(f'{p.target.name} {p.proc.pid}' for p in peers)}")
         if mitmdump is None:
-            _wait_for_interrupt(r)
+            _wait_for_interrupt(r, _alive_check(peers))
         with https_side(r, mitmdump, settings.python) as side:
             print(f"HTTPS (mitmproxy pid {side.mitm.pid}):")
             for tunnel in side.targets:
@@ -105,14 +124,58 @@ def hold(settings: Settings) -> int:
     return 0
 
 
-def _wait_for_interrupt(r: Rig, check: Callable[[Rig], None] | None = None) -> NoReturn:
+def _wait_for_interrupt(r: Rig, check: Callable[[Rig], None]) -> NoReturn:
     print("Ctrl-C stops everything.", flush=True)
     while True:
         time.sleep(0.5)
-        if check is None:
-            r.check_alive()
-        else:
-            check(r)
+        check(r)
+
+
+def _alive_check(peers: list[Peer]) -> Callable[[Rig], None]:
+    """A check that the rig and the peers are running (BenchError if not)."""
+
+    def check(r: Rig) -> None:
+        r.check_alive()
+        for peer in peers:
+            peer.check_alive()
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class _Installed:
+    """The peers' programs, installed if needed; None when --no-peers."""
+
+    nginx: str | None
+    proxypy: Path | None
+
+
+def _install_peers(settings: Settings) -> _Installed:
+    if not settings.peers or settings.https_only:
+        return _Installed(None, None)
+    return _Installed(ensure_nginx(), ensure_proxypy(settings.python, settings.proxypy_version))
+
+
+@contextmanager
+def _peers(r: Rig, installed: _Installed) -> Iterator[list[Peer]]:
+    """nginx and proxy.py running next to ``r`` (none if not installed); stopped on exit."""
+    with ExitStack() as stack:
+        peers = []
+        if installed.nginx is not None:
+            peers.append(stack.enter_context(running_nginx(r, installed.nginx)))
+        if installed.proxypy is not None:
+            peers.append(stack.enter_context(running_proxypy(r, installed.proxypy)))
+        if peers:
+            print(
+                "bench: peers running: "
+                + ", ".join(f"{p.target.name} {p.version} (pid {p.proc.pid})" for p in peers),
+                flush=True,
+            )
+        yield peers
+
+
+def _targets(r: Rig, peers: list[Peer]) -> list[Target]:
+    return [*r.targets, *(p.target for p in peers)]
 
 
 def bench(settings: Settings) -> int:
@@ -120,11 +183,24 @@ def bench(settings: Settings) -> int:
     cleanly (see :func:`finish` and :func:`finish_https`)."""
     wrk = ensure_wrk()
     mitmdump = settings.mitmdump()
+    installed = _install_peers(settings)
+    if settings.pin:
+        cpus()  # fails early on a single core
     machine = machine_info(settings.python, wrk)
     summaries: dict[str, Summary] | None = None
+    peer_info: dict[str, dict[str, str]] = {}
     with rig(settings.python, log_level=settings.log_level, https=mitmdump is not None) as r:
         if not settings.https_only:
-            summaries = wrk_rounds(settings, wrk, r)
+            with _peers(r, installed) as peers:
+                peer_info = {
+                    p.target.key: {
+                        "name": p.target.name,
+                        "version": p.version,
+                        "settings": p.settings,
+                    }
+                    for p in peers
+                }
+                summaries = wrk_rounds(settings, wrk, r, peers)
         if mitmdump is not None:
             started = time.monotonic()
             with https_side(r, mitmdump, settings.python) as side:
@@ -133,7 +209,7 @@ def bench(settings: Settings) -> int:
             https_elapsed = time.monotonic() - started
         tally = r.tally()
     if summaries is not None:
-        code = finish(settings, machine=machine, summaries=summaries, tally=tally)
+        code = finish(settings, machine=machine, summaries=summaries, tally=tally, peers=peer_info)
     else:
         print()
         print_tally(tally)
@@ -165,40 +241,71 @@ def _python_version(python: str) -> str:
     return result.stdout.strip() or "?"
 
 
-def wrk_rounds(settings: Settings, wrk: str, r: Rig) -> dict[str, Summary]:
-    """Warm-up, then --reps rounds of A B C D; per target its summary."""
+def wrk_rounds(settings: Settings, wrk: str, r: Rig, peers: list[Peer]) -> dict[str, Summary]:
+    """Warm-up, then --reps rounds of every target, each once at saturation and once at
+    --rate; per target its summary."""
     load = {"connections": settings.connections, "threads": settings.threads}
+    targets = _targets(r, peers)
+    alive = _alive_check(peers)
+    # Every long-running process of the benchmark, for the CPU accounting ("other load").
+    pids = list(
+        dict.fromkeys([*r.pids, *(pid for p in peers for pid in server_processes(p.target))])
+    )
     if settings.warmup > 0:
         print(f"bench: warming up each target for {settings.warmup:g} s ...", flush=True)
-        for target in r.targets:
+        for target in targets:
             run_wrk(wrk, target, duration=settings.warmup, **load)
-            r.check_alive()
-    summaries = {t.key: Summary(t) for t in r.targets}
+            alive(r)
+    summaries = {t.key: Summary(t) for t in targets}
     retries_left = settings.retries  # for the whole run, so it ends in bounded time
-    for rnd in range(1, settings.reps + 1):
-        for target in r.targets:
-            attempt = 1
-            while True:
-                result = measure(wrk, target, r.pids, duration=settings.duration, **load)
-                r.check_alive()
-                result.attempts = attempt
-                line = run_line(f"round {rnd}/{settings.reps}", target, result)
-                if result.disturbance <= settings.max_other_load or retries_left == 0:
-                    break
-                print(f"{line}  (disturbed: measuring again)", flush=True)
-                retries_left -= 1
-                attempt += 1
-            print(line, flush=True)
-            summaries[target.key].runs.append(result)
+
+    def quiet_run(label: str, target: Target, rate: float | None) -> WrkRun:
+        """One run, measured again while disturbed and repeats are left."""
+        nonlocal retries_left
+        attempt = 1
+        while True:
+            result = measure(
+                wrk,
+                target,
+                pids,
+                duration=settings.duration,
+                rate=rate,
+                pin=settings.pin,
+                **load,
+            )
+            alive(r)
+            result.attempts = attempt
+            line = run_line(label, target, result)
+            if result.disturbance <= settings.max_other_load or retries_left == 0:
+                print(line, flush=True)
+                return result
+            print(f"{line}  (disturbed: measuring again)", flush=True)
+            retries_left -= 1
+            attempt += 1
+
+    try:
+        for rnd in range(1, settings.reps + 1):
+            for target in targets:
+                label = f"round {rnd}/{settings.reps}"
+                summaries[target.key].runs.append(quiet_run(label, target, None))
+                summaries[target.key].paced.append(quiet_run(label, target, settings.rate))
+    finally:
+        if settings.pin:  # the HTTPS part runs unpinned
+            release(pids)
     return summaries
 
 
 def finish(
-    settings: Settings, *, machine: dict[str, Any], summaries: dict[str, Summary], tally: Tally
+    settings: Settings,
+    *,
+    machine: dict[str, Any],
+    summaries: dict[str, Summary],
+    tally: Tally,
+    peers: dict[str, dict[str, str]],
 ) -> int:
     """Print and store the results; the exit code says whether the run was clean."""
     ratio = ratios(summaries)
-    tables = render_tables(summaries, ratio)
+    tables = render_tables(summaries, ratio, settings.rate)
     report: dict[str, Any] = {
         **report_head(machine),
         "settings": {
@@ -211,14 +318,22 @@ def finish(
             "max_other_load_cores": settings.max_other_load,
             "path": PATH,
             "m2m_log_level": settings.log_level,
+            "rate": settings.rate,
+            "pin_cpus": list(cpus()) if settings.pin else None,
+            "targets": list(summaries),
         },
+        "peers": peers,
         "targets": {key: s.as_json() for key, s in summaries.items()},
         "ratios": {k: round(v, 3) for k, v in ratio.items()},
         "ratios_per_round": {
             f"{key}_vs_{base}": [round(x, 3) for x in per_round(summaries, key, base)]
-            for key, base in (("C", "B"), ("D", "B"), ("B", "A"), ("C", "A"), ("D", "A"))
+            for key, base in per_round_pairs(summaries)
         },
         "target_ratio": TARGET_RATIO,
+        "peer_targets": [
+            {"what": what, "ratio": round(value, 3), "target": f"{cmp} {bound}", "met": met}
+            for what, value, cmp, bound, met in peer_verdicts(ratio)
+        ],
         **tally_json(tally),
     }
     write_report(RESULTS_JSON, report)
@@ -239,7 +354,7 @@ def finish(
         )
     print(f"results: {RESULTS_JSON.relative_to(ROOT)}")
     if settings.write_docs:
-        write_docs(render_docs_section(report, tables))
+        write_docs(render_docs_section(report, tables), pinned=settings.pin)
         print(f"docs: {DOCS.relative_to(ROOT)} updated")
     failed = [
         f"{s.target.key} {s.target.name}" for s in summaries.values() if any(s.errors.values())
