@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 IDP    := deploy/dev-idp
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint typecheck unit functional bench bench-instructions check-example clean
+.PHONY: install system-deps run test lint typecheck unit functional bench bench-memory bench-instructions check-example clean
 
 ## install: system tools, virtualenv with the project and dev tools, the dev IdP's npm packages
 install: system-deps $(STAMP) $(IDP)/node_modules/.package-lock.json
@@ -52,6 +52,11 @@ functional: install
 ## bench: req/s, latency at a fixed rate, CPU and memory: the upstream directly, a minimal aiohttp proxy, nginx, proxy.py (wrk), then HTTPS vs mitmproxy
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/memory.py
+
+## bench-memory: RSS while streaming 1 GiB each way and with 10,000 idle clients (~70 s)
+bench-memory: install
+	$(PY) bench/memory.py
 
 ## bench-instructions: instructions per request of each proxy, counted by callgrind (deterministic, ~3 min)
 bench-instructions: install
