@@ -53,6 +53,8 @@ if str(ROOT / "deploy") not in sys.path:
 
 from dev_stack import DevStack, DevStackError, wait_proxy_ready  # noqa: E402
 
+from rig import free_ports  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "memory.json"
 KIB = 1024
 MIB = 1024 * 1024
@@ -285,17 +287,6 @@ class ProxyProcess:
     port: int
     loop: str  # "uvloop" or "asyncio", as seen in the process's mapped libraries
     log: Path
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def routes_yaml(creds: Credentials, upstream_port: int, port: int, admin: int) -> str:
