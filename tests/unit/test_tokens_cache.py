@@ -197,7 +197,8 @@ async def test_a_fetch_whose_only_waiter_left_still_fills_the_cache(
 
 async def test_peek_returns_none_from_refresh_at_on(cache: TokenCache, clock: Clock) -> None:
     token = await cache.obtain(KEY)
-    assert token.refresh_at == 1000.0 + 0.8 * 300.0  # 80 % of the lifetime, no jitter
+    # renew_at (300 s - 60 s skew - 1 s) comes just before 80 % of the lifetime (240 s)
+    assert token.refresh_at == 1000.0 + 239.0
     clock.now = token.refresh_at - 0.001
     assert cache.peek(KEY) is token
     clock.now = token.refresh_at

@@ -1,4 +1,4 @@
-"""make_token: expiry anchored at send time, skew capped at half the lifetime."""
+"""make_token: expiry anchored at send time, skew (+1 s granularity) capped at half the lifetime."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ def test_expiry_is_anchored_at_the_moment_the_request_was_sent() -> None:
     assert t.lifetime_s == 3600.0
 
 
-def test_renewal_is_skew_seconds_before_expiry_for_long_lifetimes() -> None:
-    assert token(3600.0, sent_at=1000.0, skew_s=60.0).renew_at == 4540.0
+def test_renewal_is_skew_plus_one_second_before_expiry_for_long_lifetimes() -> None:
+    # expires_in and a JWT's exp count whole seconds: the upstream may see the token
+    # expire up to 1 s before sent_at + expires_in
+    assert token(3600.0, sent_at=1000.0, skew_s=60.0).renew_at == 4539.0
 
 
 def test_skew_is_capped_at_half_the_lifetime_for_short_tokens() -> None:
@@ -36,26 +38,32 @@ def test_skew_is_capped_at_half_the_lifetime_for_short_tokens() -> None:
 
 
 def test_skew_equal_to_half_the_lifetime_is_the_boundary() -> None:
-    assert token(120.0, sent_at=0.0, skew_s=60.0).renew_at == 60.0
-    assert token(121.0, sent_at=0.0, skew_s=60.0).renew_at == 61.0
+    assert token(122.0, sent_at=0.0, skew_s=60.0).renew_at == 61.0
+    assert token(123.0, sent_at=0.0, skew_s=60.0).renew_at == 62.0
 
 
-def test_zero_skew_renews_at_expiry() -> None:
+def test_zero_skew_still_renews_one_second_before_expiry() -> None:
     t = token(100.0, sent_at=0.0, skew_s=0.0)
-    assert t.renew_at == t.expires_at == 100.0
+    assert t.expires_at == 100.0
+    assert t.renew_at == 99.0
+
+
+def test_short_tokens_with_a_small_skew_renew_before_the_last_whole_second() -> None:
+    t = token(5.0, sent_at=0.0, skew_s=0.5)
+    assert t.renew_at == t.refresh_at == 3.5  # 0.8 x 5 s = 4 s would come after renew_at
 
 
 def test_missing_expires_in_uses_the_default_lifetime() -> None:
     t = token(None, sent_at=1000.0, skew_s=60.0)
     assert t.expires_at == 1300.0
-    assert t.renew_at == 1240.0
+    assert t.renew_at == 1239.0
 
 
 def test_very_long_lifetimes_are_clamped() -> None:
     t = token(10 * MAX_LIFETIME_S, sent_at=0.0, skew_s=60.0)
     assert MAX_LIFETIME_S == 86400.0
     assert t.expires_at == MAX_LIFETIME_S
-    assert t.renew_at == MAX_LIFETIME_S - 60.0
+    assert t.renew_at == MAX_LIFETIME_S - 61.0
 
 
 def test_authorization_is_the_bearer_header_value() -> None:

@@ -6,7 +6,9 @@ Three moments in a token's life, all anchored at the moment its request was *sen
 - ``refresh_at``: about 80 % of the lifetime (±10 % jitter, so that many proxies or
   credentials do not refresh in lockstep), never later than ``renew_at``. From here
   the next request starts a background refresh and keeps using this token.
-- ``renew_at = expires_at - min(skew, lifetime / 2)``: the latest refresh point.
+- ``renew_at = expires_at - min(skew + 1 s, lifetime / 2)``: the latest refresh point.
+  The extra second is the granularity of ``expires_in`` and of a JWT's ``exp`` (whole
+  seconds): the upstream may see the token expire up to 1 s before ``sent_at + lifetime``.
 - ``expires_at``: the token is served until here if the IdP cannot replace it.
 """
 
@@ -21,6 +23,8 @@ CredentialKey = CredentialSpec
 
 REFRESH_FRACTION = 0.8
 REFRESH_JITTER = 0.1
+EXPIRY_GRANULARITY_S = 1.0
+"""``expires_in`` and JWT ``exp`` count whole seconds; renewal leaves this much spare."""
 
 MAX_LIFETIME_S = 24 * 3600.0
 """Longer ``expires_in`` values are clamped: no sane M2M token lives longer."""
@@ -74,7 +78,7 @@ def make_token(
     asked = grant.expires_in_s if grant.expires_in_s is not None else default_lifetime_s
     lifetime = min(asked, MAX_LIFETIME_S)
     expires_at = sent_at + lifetime
-    renew_at = expires_at - min(skew_s, lifetime / 2)
+    renew_at = expires_at - min(skew_s + EXPIRY_GRANULARITY_S, lifetime / 2)
     ahead = lifetime * REFRESH_FRACTION * (1 + REFRESH_JITTER * max(-1.0, min(1.0, jitter)))
     return Token(
         authorization=f"Bearer {grant.access_token}",
