@@ -25,6 +25,11 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}"
 
 
+def rounds(n: int) -> str:
+    """ "1 round", "3 rounds"."""
+    return f"{n} round" if n == 1 else f"{n} rounds"
+
+
 def run_header(report: dict[str, Any]) -> list[str]:
     """The run and the machine: the first lines of a generated section."""
     m = report["machine"]

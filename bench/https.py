@@ -34,7 +34,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +44,8 @@ from dev_stack import terminate
 
 from cpu import CpuSample
 from mitm import mitmdump_argv
-from rig import HttpsFiles, Rig, free_ports, start_process
-from scenario import BENCH, CLIENT_ID, PATH, READY_TIMEOUT_S, TLS_AUTHORITY, BenchError
+from rig import HttpsFiles, Rig, free_ports, start_process, wait_ready
+from scenario import BENCH, CLIENT_ID, PATH, TLS_AUTHORITY, BenchError
 
 MODES = ("keepalive", "handshake")
 MODE_TITLES = {
@@ -140,23 +140,6 @@ def _tls_get(url: str, cafile: Path) -> bytes:
         return body
 
 
-def _wait(what: str, ready: Callable[[], object], proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll ``ready()`` until it is true; BenchError if ``proc`` dies or time runs out."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
-            raise BenchError(f"{what} exited with code {proc.returncode}:\n{tail}")
-        try:
-            if ready():
-                return
-        except (OSError, urllib.error.URLError, ssl.SSLError):
-            pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} not ready after {READY_TIMEOUT_S:.0f} s")
-        time.sleep(0.1)
-
-
 def _listening(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
@@ -202,16 +185,20 @@ def https_side(r: Rig, mitmdump: Path, python: str) -> Iterator[HttpsSide]:
             logs["mitmproxy"],
         )
         cleanup.callback(terminate, mitm)
-        _wait(
+        wait_ready(
             "the TLS demo API",
-            lambda: _tls_get(f"{files.upstream_url}/__test/stats", files.upstream_ca),
             tls_api,
+            lambda: _tls_get(f"{files.upstream_url}/__test/stats", files.upstream_ca),
             logs["TLS demo API"],
         )
         mitm_ca = confdir / "mitmproxy-ca-cert.pem"
-        _wait(
-            "mitmproxy", lambda: mitm_ca.exists() and _listening(mitm_port), mitm, logs["mitmproxy"]
-        )
+
+        def mitm_ready() -> None:
+            if not mitm_ca.exists():
+                raise OSError(f"mitmproxy has not written {mitm_ca.name} yet")
+            _listening(mitm_port)
+
+        wait_ready("mitmproxy", mitm, mitm_ready, logs["mitmproxy"])
         targets = [
             TunnelTarget(
                 "m2m",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from docs_section import DOCS, errors_text, run_header, section, spread, write_section
+from docs_section import DOCS, errors_text, rounds, run_header, section, spread, write_section
 from https import MODE_TITLES, MODES, UNIT, HttpsSettings, TunnelSummary
 from outcome import report_head, write_report
 from scenario import BENCH, PATH, ROOT, TLS_AUTHORITY
@@ -80,7 +80,7 @@ def render_docs_section(report: dict[str, Any], tables: str) -> str:
             f"mitmproxy {report['mitmproxy']['version']} ({report['mitmproxy']['python']}); "
             f"upstream: the demo API over TLS on Node {m['node']}",
             f"- Load: bench/tunnel_load.py, {s['connections']} concurrent clients, "
-            f"CONNECT {TLS_AUTHORITY}, GET {s['path']}; {s['reps']} rounds of "
+            f"CONNECT {TLS_AUTHORITY}, GET {s['path']}; {rounds(s['reps'])} of "
             f"{s['duration_s']:g} s per proxy and measure, alternating the proxies, after "
             f"{s['warmup_s']:g} s of warm-up each; medians over the rounds",
             "",

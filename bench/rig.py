@@ -214,12 +214,13 @@ def check_target(name: str, url: str, headers: dict[str, str], proxy: str | None
 def wait_ready(
     name: str,
     proc: subprocess.Popen[bytes],
-    check: Callable[[], None],
+    check: Callable[[], object],
     log: Path,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> None:
-    """Poll until ``check()`` (one request, :func:`check_target`) passes; BenchError with the
-    tail of ``log`` if ``proc`` exits or nothing answers in time."""
+    """Poll until ``check()`` (e.g. one request, :func:`check_target`) returns without raising
+    OSError (its result is ignored); BenchError with the tail of ``log`` if ``proc`` exits
+    or nothing answers in time."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:

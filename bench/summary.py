@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from docs_section import errors_text, run_header, section, spread, write_section
+from docs_section import errors_text, rounds, run_header, section, spread, write_section
 from scenario import PATH
 from wrk import Target, WrkRun
 
@@ -286,7 +286,7 @@ def render_docs_section(report: dict[str, Any], tables: str) -> str:
         f"structlog {m['structlog']}; Node {m['node']}; {m['wrk']}",
         *(f"- {p['name']} {p['version']}: {p['settings']}" for p in peers.values()),
         f"- Load: `wrk -t{s['threads']} -c{s['connections']} -d{s['duration_s']:g}s "
-        f"--latency`, GET {PATH}, {s['reps']} rounds of {' '.join(s['targets'])} after "
+        f"--latency`, GET {PATH}, {rounds(s['reps'])} of {' '.join(s['targets'])} after "
         f"{s['warmup_s']:g} s of warm-up each; per target and round one run at saturation "
         f"(req/s, CPU/req) and one paced to {s['rate']:,.0f} req/s by bench/pace.lua "
         f"(latency, CPU/req at that rate, peak RSS){pin}; medians over the rounds, min-max "
