@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="m2m-proxy vs a minimal aiohttp proxy vs the upstream directly (wrk)."
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (10)")
+    parser.add_argument(
+        "--duration", type=int, default=10, help="seconds per wrk run, whole (wrk's -d) (10)"
+    )
     parser.add_argument(
         "--reps",
         type=int,
@@ -112,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=PROXYPY_VERSION,
         help=f"proxy.py installed into bench/.venv-proxypy ({PROXYPY_VERSION})",
     )
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds per target (3)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="seconds per target, whole (wrk's -d) (3)"
+    )
     parser.add_argument(
         "--max-other-load",
         type=float,
