@@ -38,7 +38,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any, Self
 
 DEV_IDP_SUBDIR = Path("deploy") / "dev-idp"
-READY_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 90.0
 STOP_GRACE_S = 5.0
 HOST = "127.0.0.1"
 # The obvious dev default, same as idp.js; override with DEV_CLIENT_SECRET.
