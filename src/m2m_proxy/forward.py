@@ -22,6 +22,7 @@ from yarl import URL
 
 from m2m_proxy.errors import BodyStalledError, PayloadTooLargeError, UpstreamError
 from m2m_proxy.headers import downstream_response_headers, upstream_request_headers
+from m2m_proxy.response_head import relayed_head
 from m2m_proxy.tokens.cache import TokenCache
 from m2m_proxy.tokens.model import CredentialKey, Token
 from m2m_proxy.upgrade import SWITCHING_PROTOCOLS, ProtocolSwitch
@@ -152,6 +153,19 @@ class _WholeBodyResponse(web.StreamResponse):
     (aiohttp's class attribute; if it ever goes away, this is a StreamResponse.)"""
 
     _send_headers_immediately = False
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A response the proxy has already written whole (response_head.py): aiohttp's
+    ``finish_response`` finds it sent, so its ``prepare`` and ``write_eof`` do
+    nothing, and reads ``keep_alive`` from it. Its ``headers`` stay empty: what was
+    sent is in the bytes. (aiohttp's attributes; tests/functional/test_forwarding.py
+    breaks if they change: keep-alive reuse and one response per request.)"""
+
+    def __init__(self, status: int, reason: str | None, keep_alive: bool) -> None:
+        super().__init__(status=status, reason=reason)
+        self._keep_alive = keep_alive
+        self._eof_sent = True
 
 
 class Forwarder:
@@ -290,28 +304,52 @@ class Forwarder:
         is aborted so the client sees a truncated body, never a complete-looking one.
         """
         try:
-            kind = _WholeBodyResponse if resp.received_all() else web.StreamResponse
+            first = b""
+            whole = resp.received_all()
+            if whole:  # the common case: nothing to wait for, one write of our own
+                first = await resp.readany()
+                if resp.at_eof():
+                    keep_alive = request.keep_alive
+                    relayed = _RelayedResponse(resp.status, resp.reason, keep_alive)
+                    head = relayed_head(
+                        http10=request.version == HttpVersion10,
+                        keep_alive=keep_alive,
+                        method=request.method,
+                        status=relayed.status,
+                        reason=relayed.reason,  # aiohttp's phrase when the upstream gave none
+                        upstream=resp.headers,
+                        body_length=len(first),
+                        via=via,
+                        server=self._via,
+                    )
+                    if head is not None:
+                        await request.writer.write(head + first if first else head)
+                        return relayed
+            kind = _WholeBodyResponse if whole else web.StreamResponse
             headers = downstream_response_headers(resp.headers, via=via)
             if "Server" not in headers:  # else aiohttp would add its own, with versions
                 headers["Server"] = self._via
             out = kind(status=resp.status, reason=resp.reason, headers=headers)
             await out.prepare(request)
+            chunk = first
             while True:
-                try:
-                    chunk = await resp.readany()
-                except UpstreamError as exc:
-                    # The aiohttp client's error keeps its name (ClientPayloadError, ...).
-                    cause = exc.__cause__ if exc.__cause__ is not None else exc
-                    exchange.error = f"upstream_truncated:{type(cause).__name__}"
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return out
                 if not chunk:
-                    break
+                    try:
+                        chunk = await resp.readany()
+                    except UpstreamError as exc:
+                        # The aiohttp client's error keeps its name (ClientPayloadError, ...).
+                        cause = exc.__cause__ if exc.__cause__ is not None else exc
+                        exchange.error = f"upstream_truncated:{type(cause).__name__}"
+                        if request.transport is not None:
+                            request.transport.abort()
+                        return out
+                    if not chunk:
+                        break
                 if resp.at_eof():  # the last bytes (often all): one write with the head
                     await out.write_eof(chunk)
                     return out
                 await out.write(chunk)
+                chunk = b""
             await out.write_eof()
             return out
         except BaseException:

@@ -37,7 +37,7 @@ _HOST = istr("Host")
 _VIA = istr("Via")
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """Lower-cased field names listed in Connection headers."""
     values = headers.getall("Connection", ())
     if len(values) == 1:
@@ -85,18 +85,28 @@ def received_by(via: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def downstream_response_headers(incoming: CIMultiDictProxy[str], *, via: str) -> CIMultiDict[str]:
+def kept_response_fields(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str],
+) -> list[tuple[str, str]]:
+    """The upstream's response fields the client gets, in order: no hop-by-hop field,
+    none its Connection header names (but Content-Length: it keeps the framing)."""
+    if "Connection" not in incoming:
+        return [(n, v) for n, v in incoming.items() if not _hop_by_hop(n)]
+    named = _connection_named(incoming) - {"content-length"}
+    return [(n, v) for n, v in incoming.items() if not _hop_by_hop(n) and n.lower() not in named]
+
+
+@functools.lru_cache(maxsize=1024)
+def _hop_by_hop(name: str) -> bool:
+    """A hop-by-hop field name, in the case it came in (memoised: names recur)."""
+    lname = name.lower()
+    return lname in HOP_BY_HOP or lname.startswith("proxy-")
+
+
+def downstream_response_headers(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str], *, via: str
+) -> CIMultiDict[str]:
     """Headers to send back to the client; Content-Length is kept so framing is kept."""
-    named = _connection_named(incoming) if "Connection" in incoming else frozenset()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lname = name.lower()
-        if (
-            lname in HOP_BY_HOP
-            or lname.startswith("proxy-")
-            or (lname in named and lname != "content-length")
-        ):
-            continue
-        out.add(name, value)
+    out: CIMultiDict[str] = CIMultiDict(kept_response_fields(incoming))
     out.add(_VIA, via)
     return out
