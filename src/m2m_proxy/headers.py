@@ -12,6 +12,7 @@ Expect is not forwarded: the proxy's server side has already answered 100-contin
 from __future__ import annotations
 
 import functools
+import operator
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -35,6 +36,7 @@ _UPSTREAM_DROP_WITH_TOKEN = _UPSTREAM_DROP | {"authorization"}
 _AUTHORIZATION = istr("Authorization")
 _HOST = istr("Host")
 _VIA = istr("Via")
+_NAME = operator.itemgetter(0)
 
 
 def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -87,26 +89,44 @@ def received_by(via: str) -> frozenset[str]:
 
 def kept_response_fields(
     incoming: CIMultiDictProxy[str] | CIMultiDict[str],
-) -> list[tuple[str, str]]:
-    """The upstream's response fields the client gets, in order: no hop-by-hop field,
-    none its Connection header names (but Content-Length: it keeps the framing)."""
-    if "Connection" not in incoming:
-        return [(n, v) for n, v in incoming.items() if not _hop_by_hop(n)]
-    named = _connection_named(incoming) - {"content-length"}
-    return [(n, v) for n, v in incoming.items() if not _hop_by_hop(n) and n.lower() not in named]
+) -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """The upstream's response fields the client gets, in order, and their lower-cased
+    names: no hop-by-hop field, none its Connection header names (but Content-Length:
+    it keeps the framing).
+
+    Which fields go depends only on the names, in order, and the Connection values:
+    that layout is memoised (an upstream answers with the same few layouts), so a
+    response costs C-level calls only, no Python step per field.
+    """
+    items = list(incoming.items())
+    # (Not incoming.keys(): multidict's view yields a repeated name once.)
+    names = "\n".join(map(_NAME, items)).lower()
+    kept, kept_names = _layout(names, tuple(incoming.getall("Connection", ())))
+    return (items if kept is None else list(map(items.__getitem__, kept))), kept_names
 
 
 @functools.lru_cache(maxsize=1024)
-def _hop_by_hop(name: str) -> bool:
-    """A hop-by-hop field name, in the case it came in (memoised: names recur)."""
-    lname = name.lower()
-    return lname in HOP_BY_HOP or lname.startswith("proxy-")
+def _layout(
+    names: str, connection: tuple[str, ...]
+) -> tuple[tuple[int, ...] | None, frozenset[str]]:
+    """For lower-cased field names joined by LF and the Connection values: the
+    positions of the fields kept (None: all of them) and the names kept."""
+    lowered = names.split("\n") if names else []
+    drop = set(HOP_BY_HOP)
+    for value in connection:
+        drop |= _names_in(value)
+    drop.discard("content-length")
+    kept = [
+        i for i, name in enumerate(lowered) if name not in drop and not name.startswith("proxy-")
+    ]
+    kept_names = frozenset(lowered[i] for i in kept)
+    return (None if len(kept) == len(lowered) else tuple(kept)), kept_names
 
 
 def downstream_response_headers(
     incoming: CIMultiDictProxy[str] | CIMultiDict[str], *, via: str
 ) -> CIMultiDict[str]:
     """Headers to send back to the client; Content-Length is kept so framing is kept."""
-    out: CIMultiDict[str] = CIMultiDict(kept_response_fields(incoming))
+    out: CIMultiDict[str] = CIMultiDict(kept_response_fields(incoming)[0])
     out.add(_VIA, via)
     return out

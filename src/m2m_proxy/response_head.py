@@ -19,12 +19,10 @@ the client as they came (aiohttp's serialiser cuts the value short at the first)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from aiohttp.helpers import rfc822_formatted_time
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from m2m_proxy.headers import HOP_BY_HOP, kept_response_fields
+from m2m_proxy.headers import kept_response_fields
 
 _BODYLESS_STATUSES = frozenset({204, 304})
 
@@ -53,14 +51,7 @@ def relayed_head(
     lengths = upstream.getall("Content-Length", ())
     if len(lengths) != 1 or lengths[0] != str(body_length):
         return None
-    names = "\n".join(upstream.keys()).lower()
-    present = set(names.split("\n"))
-    fields: Iterable[tuple[str, str]]
-    if present.isdisjoint(HOP_BY_HOP) and "proxy-" not in names:
-        fields = upstream.items()  # the common case: every field is kept
-    else:
-        fields = kept_response_fields(upstream)
-        present = {name.lower() for name, _ in fields}
+    fields, present = kept_response_fields(upstream)
     lines = [f"{'HTTP/1.0' if http10 else 'HTTP/1.1'} {status} {reason}"]
     lines += map(": ".join, fields)
     lines.append(f"Via: {via}")
