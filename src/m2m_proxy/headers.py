@@ -101,7 +101,11 @@ def kept_response_fields(
     items = list(incoming.items())
     # (Not incoming.keys(): multidict's view yields a repeated name once.)
     names = "\n".join(map(_NAME, items)).lower()
-    kept, kept_names = _layout(names, tuple(incoming.getall("Connection", ())))
+    connection = tuple(incoming.getall("Connection", ()))
+    # Memoised for ordinary heads only, so the cache holds at most ~1024 x 2 KiB.
+    ordinary = len(names) <= 1024 and sum(map(len, connection)) <= 1024
+    layout = _layout if ordinary else _layout.__wrapped__
+    kept, kept_names = layout(names, connection)
     return (items if kept is None else list(map(items.__getitem__, kept))), kept_names
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from m2m_proxy import headers as rules
 from m2m_proxy.headers import downstream_response_headers, upstream_request_headers
 
 TOKEN = "Bearer proxy-token-9f2c"
@@ -178,3 +179,12 @@ def test_lower_case_host_authorization_and_length_from_the_client_are_replaced()
     assert out.getall("Authorization") == [TOKEN]
     assert "Content-Length" not in out
     assert "Expect" not in out
+
+
+def test_a_large_response_head_is_filtered_the_same_and_not_memoised() -> None:
+    many = [(f"X-Field-{i:04d}", "v") for i in range(120)]  # names over 1 KiB together
+    before = rules._layout.cache_info().currsize
+    out = down(*many, ("Connection", "X-Field-0007"), ("Keep-Alive", "timeout=5"))
+    assert rules._layout.cache_info().currsize == before
+    assert "X-Field-0007" not in out and "Keep-Alive" not in out
+    assert len(out) == len(many) - 1 + 1  # one named by Connection dropped, Via added
