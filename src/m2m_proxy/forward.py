@@ -159,8 +159,9 @@ class _RelayedResponse(web.StreamResponse):
     """A response the proxy has already written whole (response_head.py): aiohttp's
     ``finish_response`` finds it sent, so its ``prepare`` and ``write_eof`` do
     nothing, and reads ``keep_alive`` from it. Its ``headers`` stay empty: what was
-    sent is in the bytes. (aiohttp's attributes; tests/functional/test_forwarding.py
-    breaks if they change: keep-alive reuse and one response per request.)"""
+    sent is in the bytes. (aiohttp's private attributes: tests/unit/test_response_head.py
+    runs aiohttp's prepare and write_eof after it and fails on any byte more, or on the
+    wrong keep_alive; mutation-checked for both.)"""
 
     def __init__(self, status: int, reason: str | None, keep_alive: bool) -> None:
         super().__init__(status=status, reason=reason)
