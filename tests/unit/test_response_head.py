@@ -35,13 +35,16 @@ class _Transport:
 
     def __init__(self) -> None:
         self.data = bytearray()
+        self.writes = 0
 
     def write(self, data: bytes) -> None:
         self.data += data
+        self.writes += 1
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self.data += chunk
+        self.writes += 1
 
     def is_closing(self) -> bool:
         return False
@@ -95,6 +98,12 @@ class Case:
 
 async def _relay(case: Case) -> tuple[bytes, Any]:
     """What the client is sent for ``case``, and the response object aiohttp gets."""
+    data, response, _writes = await _relay_counted(case)
+    return data, response
+
+
+async def _relay_counted(case: Case) -> tuple[bytes, Any, int]:
+    """:func:`_relay`, and how many writes reached the transport."""
     loop = asyncio.get_running_loop()
     transport = _Transport()
     protocol = BaseProtocol(loop)
@@ -117,7 +126,7 @@ async def _relay(case: Case) -> tuple[bytes, Any]:
     # What aiohttp does with the handler's response (web_protocol.finish_response).
     await out.prepare(request)
     await out.write_eof()
-    return bytes(transport.data), out
+    return bytes(transport.data), out, transport.writes
 
 
 async def _both_paths(case: Case, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, Any, bytes]:
@@ -211,7 +220,8 @@ def test_a_common_response_is_one_write_with_via_server_and_date() -> None:
         [("Content-Type", "application/json"), ("Content-Length", "2")],
         b"{}",
     )
-    fast, response = asyncio.run(_relay(case))
+    fast, response, writes = asyncio.run(_relay_counted(case))
+    assert writes == 1
     head, _, body = fast.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[:5] == [
