@@ -39,7 +39,7 @@ _VIA = istr("Via")
 _NAME = operator.itemgetter(0)
 
 
-def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Lower-cased field names listed in Connection headers."""
     values = headers.getall("Connection", ())
     if len(values) == 1:
